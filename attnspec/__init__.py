@@ -1,0 +1,13 @@
+"""attnspec: a property-tested math specification of softmax and attention.
+
+The public functions evaluate the reference definition (:mod:`attnspec.reference`);
+:mod:`attnspec.exact` evaluates the same definition in mpmath; :mod:`attnspec.spec`
+holds the derivations, properties, strategies and tolerances that state what any
+correct implementation must satisfy.
+"""
+
+from attnspec import exact
+from attnspec.reference.softmax import log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "exact", "log_softmax", "logsumexp", "softmax"]

@@ -1,0 +1,6 @@
+"""Double-double arithmetic (placeholder: being written)."""
+from attnspec.reference.arith import Fast
+
+
+class DoubleDouble(Fast):
+    name = "accurate"

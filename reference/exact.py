@@ -1,0 +1,123 @@
+"""The same definitions, evaluated in mpmath at a precision of the caller's choice.
+
+This is the ground truth the tests compare against. Each function takes the same
+arguments as its float64 counterpart in :mod:`attnspec`, plus ``dps`` (decimal digits
+of working precision, default 50), and returns a numpy object array of
+``mpmath.mpf`` values (a 0-d object array for a full reduction) that carry the
+working precision, so that the error of a float64 result can be measured in
+fractions of an ulp. :func:`to_float64` rounds them.
+
+Inputs are float64 (or converted to float64 exactly), so every input is an exact
+mpmath number whenever ``dps >= 16``; the only errors are those of mpmath's
+operations at the working precision, which ``dps`` controls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mpmath
+import numpy as np
+import numpy.typing as npt
+
+from attnspec.reference.softmax import _evaluate
+
+__all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "softmax", "to_float64"]
+
+ObjArray = npt.NDArray[np.object_]
+DEFAULT_DPS = 50
+
+
+def _elementwise(f: Callable[[Any], Any]) -> Callable[[Any], ObjArray]:
+    return np.frompyfunc(f, 1, 1)  # type: ignore[no-any-return]
+
+
+_to_mpf = _elementwise(mpmath.mpf)
+_exp = _elementwise(mpmath.exp)
+_log1p = _elementwise(mpmath.log1p)
+_to_float = np.frompyfunc(float, 1, 1)
+
+
+class Exact:
+    """mpmath numbers at the precision of the enclosing ``mpmath.workdps``."""
+
+    name = "exact"
+    chunk_elements = 0
+
+    def lift(self, x: npt.NDArray[np.float64]) -> ObjArray:
+        return np.asarray(_to_mpf(x), dtype=object)
+
+    def add(self, a: ObjArray, b: ObjArray) -> ObjArray:
+        return a + b
+
+    def sub(self, a: ObjArray, b: ObjArray) -> ObjArray:
+        return a - b
+
+    def div(self, a: ObjArray, b: ObjArray) -> ObjArray:
+        return a / b
+
+    def exp(self, a: ObjArray) -> ObjArray:
+        return np.asarray(_exp(a), dtype=object)
+
+    def log1p(self, a: ObjArray) -> ObjArray:
+        return np.asarray(_log1p(a), dtype=object)
+
+    def sum_except(self, a: ObjArray, skip: npt.NDArray[np.intp]) -> ObjArray:
+        kept = a.copy()
+        np.put_along_axis(kept, skip[..., None], mpmath.mpf(0), axis=-1)
+        # fsum adds exactly and rounds once.
+        sums = [mpmath.fsum(row) for row in kept.reshape(-1, kept.shape[-1])]
+        return np.array(sums, dtype=object).reshape(kept.shape[:-1] + (1,))
+
+    def result(self, a: ObjArray) -> ObjArray:
+        return a
+
+
+def _run(kind: str, x: object, axis: object, where: object, keepdims: bool, dps: object) -> ObjArray:
+    if isinstance(dps, bool) or not isinstance(dps, int | np.integer) or dps < 1:
+        raise ValueError(f"dps must be a positive integer (decimal digits), got {dps!r}")
+    with mpmath.workdps(int(dps)):
+        out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
+        # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
+        return np.asarray(_to_mpf(np.asarray(out, dtype=object)), dtype=object)
+
+
+def softmax(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+) -> ObjArray:
+    """:func:`attnspec.softmax` in mpmath at ``dps`` decimal digits (object array of mpf)."""
+    return _run("softmax", x, axis, where, False, dps)
+
+
+def log_softmax(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+) -> ObjArray:
+    """:func:`attnspec.log_softmax` in mpmath at ``dps`` decimal digits."""
+    return _run("log_softmax", x, axis, where, False, dps)
+
+
+def logsumexp(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    keepdims: bool = False,
+    dps: int = DEFAULT_DPS,
+) -> ObjArray:
+    """:func:`attnspec.logsumexp` in mpmath at ``dps`` decimal digits."""
+    return _run("logsumexp", x, axis, where, keepdims, dps)
+
+
+def to_float64(a: object) -> npt.NDArray[np.float64]:
+    """Round an array of mpmath numbers to float64 (round to nearest)."""
+    arr = np.asarray(a, dtype=object)
+    return np.asarray(_to_float(arr), dtype=np.float64).reshape(arr.shape)

@@ -1,0 +1,234 @@
+r"""softmax, log_softmax and logsumexp: the definition.
+
+For a slice :math:`x \in \mathbb{R}^n` and the set :math:`V` of its included entries
+(``where`` True and not :math:`-\infty`), pick one :math:`k \in V` with
+:math:`x_k = a = \max_{j \in V} x_j` and let
+
+.. math::
+
+    d_j = x_j - a, \qquad s' = \sum_{j \in V,\, j \ne k} e^{d_j}.
+
+Then, for :math:`j \in V`,
+
+.. math::
+
+    \operatorname{softmax}(x)_j = \frac{e^{d_j}}{1 + s'}, \qquad
+    \operatorname{log\_softmax}(x)_j = d_j - \log(1 + s'), \qquad
+    \operatorname{LSE}(x) = a + \log(1 + s'),
+
+and softmax is 0 and log_softmax is :math:`-\infty` for :math:`j \notin V`. This is
+the same function as :math:`e^{x_j} / \sum_{i \in V} e^{x_i}` (the max-shift identity,
+proved in ``spec/derivations/softmax.py``), written so that no term overflows, the
+largest term is exactly 1, and :math:`\log(1+s')` is evaluated as ``log1p`` of the
+sum of the other terms (Blanchard, Higham & Higham 2021, Alg. 4.1).
+
+Special slices, decided here for every arithmetic alike:
+
+* empty or nothing included: softmax 0, log_softmax :math:`-\infty`, LSE :math:`-\infty`
+  (the empty sum is 0);
+* an included NaN: the whole slice is NaN;
+* included :math:`+\infty` entries (and no NaN): the limit
+  :math:`t \to \infty` of :math:`\operatorname{softmax}(x + t\,\mathbb{1}_I)` with the
+  infinite entries :math:`I` sharing one finite part: weight :math:`1/|I|` on each
+  infinite entry and 0 elsewhere, log_softmax :math:`-\log|I|` and :math:`-\infty`,
+  LSE :math:`+\infty`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from attnspec.reference.arith import Arithmetic, get_arithmetic
+from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
+
+F64 = npt.NDArray[np.float64]
+_KINDS = ("softmax", "log_softmax", "logsumexp")
+
+
+def softmax(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    precision: str = "accurate",
+) -> F64:
+    r"""Softmax along ``axis``: :math:`e^{x_j} / \sum_{i} e^{x_i}`.
+
+    Parameters
+    ----------
+    x : array_like
+        Real input: float16, bfloat16, float32, float64 or integers.
+    axis : int, tuple of ints or None
+        The axis or axes that form one slice (None: all axes). Default -1.
+    where : array_like of bool, optional
+        Broadcasts to ``x``; False entries are excluded: their weight is exactly 0
+        and whatever they hold (NaN, inf) never reaches the result.
+    precision : {"accurate", "fast"}
+        "accurate" (default) rounds each result to within one ulp of the exact value;
+        "fast" is plain float64 (error bound of Blanchard, Higham & Higham 2021,
+        Thm 4.3).
+
+    Returns
+    -------
+    ndarray of float64, the shape of ``x``. A slice with nothing included is all 0;
+    see the module docstring for NaN and infinite entries.
+
+    Examples
+    --------
+    >>> import attnspec
+    >>> attnspec.softmax([0.0, 0.0, 0.0, 0.0])
+    array([0.25, 0.25, 0.25, 0.25])
+    >>> attnspec.softmax([1000.0, 0.0], where=[True, False])
+    array([1., 0.])
+    """
+    return _evaluate("softmax", x, axis, where, precision, keepdims=False)
+
+
+def log_softmax(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    precision: str = "accurate",
+) -> F64:
+    r"""Log-softmax along ``axis``: :math:`x_j - \log \sum_i e^{x_i}`.
+
+    Arguments as for :func:`softmax`. Excluded entries, and every entry of a slice
+    with nothing included, are :math:`-\infty`.
+
+    Examples
+    --------
+    >>> import attnspec
+    >>> attnspec.log_softmax([0.0, 0.0])
+    array([-0.69314718, -0.69314718])
+    """
+    return _evaluate("log_softmax", x, axis, where, precision, keepdims=False)
+
+
+def logsumexp(
+    x: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    keepdims: bool = False,
+    precision: str = "accurate",
+) -> F64:
+    r"""Log-sum-exp along ``axis``: :math:`\log \sum_i e^{x_i}`.
+
+    Arguments as for :func:`softmax`; ``keepdims=True`` keeps the reduced axes with
+    length 1. An empty slice, or one with nothing included, gives :math:`-\infty`.
+
+    Examples
+    --------
+    >>> import attnspec
+    >>> float(attnspec.logsumexp([1000.0, 1000.0]))  # 1000 + log 2, no overflow
+    1000.6931471805599
+    """
+    return _evaluate("logsumexp", x, axis, where, precision, keepdims=keepdims)
+
+
+def _evaluate(
+    kind: str,
+    x: object,
+    axis: object,
+    where: object,
+    precision: object,
+    keepdims: bool,
+    arith: Arithmetic[Any] | None = None,
+) -> Any:
+    """Validate, bring the slices into rows, evaluate the definition, restore shape."""
+    if arith is None:
+        arith = get_arithmetic(precision)
+    x64 = as_real_float64(x, "x")
+    axes = normalize_axes(axis, x64.ndim)
+    w = None if where is None else as_where(where, x64.shape)
+    if not isinstance(keepdims, bool | np.bool_):
+        raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
+
+    # Move the slice axes last and flatten: rows of n entries each.
+    kept = tuple(a for a in range(x64.ndim) if a not in axes)
+    order = kept + axes
+    kept_shape = tuple(x64.shape[a] for a in kept)
+    n = int(np.prod([x64.shape[a] for a in axes], dtype=np.int64))
+    n_rows = int(np.prod(kept_shape, dtype=np.int64))
+    rows_x = np.transpose(x64, order).reshape(n_rows, n)
+    rows_w = None if w is None else np.transpose(w, order).reshape(n_rows, n)
+
+    out = _rows(kind, rows_x, rows_w, arith)
+
+    if kind == "logsumexp":
+        lse = out.reshape(kept_shape)
+        if keepdims:
+            lse = np.expand_dims(lse, axes)
+        return lse
+    full = out.reshape(kept_shape + tuple(x64.shape[a] for a in axes))
+    return np.transpose(full, np.argsort(order))
+
+
+def _rows(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithmetic[Any]) -> Any:
+    """Evaluate ``kind`` on each row of ``x`` (shape (R, n)), in blocks of rows."""
+    n_rows, n = x.shape
+    if kind == "logsumexp":
+        if n == 0:  # the empty sum is 0, its log -inf
+            return arith.result(arith.lift(np.full(n_rows, -np.inf)))
+    elif n == 0 or n_rows == 0:
+        return arith.result(arith.lift(np.empty((n_rows, n))))
+
+    block = n_rows if arith.chunk_elements <= 0 else max(1, arith.chunk_elements // n)
+    if block >= n_rows:
+        return _block(kind, x, where, arith)
+    parts = [
+        _block(kind, x[r : r + block], None if where is None else where[r : r + block], arith)
+        for r in range(0, n_rows, block)
+    ]
+    return np.concatenate(parts, axis=0)
+
+
+def _block(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithmetic[Any]) -> Any:
+    """The definition, on a block of rows of length n >= 1."""
+    if where is not None:
+        # Excluded entries become -inf: weight 0, whatever they held.
+        x = np.where(where, x, -np.inf)
+    # k: one position of the maximum a in each row (the first NaN, if any).
+    k = np.argmax(x, axis=-1)
+    a = np.take_along_axis(x, k[:, None], axis=-1)
+
+    # Rows whose maximum is not finite are decided by the rules in the docstring.
+    # They are evaluated on a finite stand-in row and overwritten below.
+    top = a[:, 0]
+    special = ~np.isfinite(top)
+    if special.any():
+        nan_rows = np.isnan(top)
+        posinf_rows = top == np.inf
+        empty_rows = top == -np.inf
+        x = x.copy()
+        a = a.copy()
+        # +inf rows: the limit is softmax over the infinite entries, taken as equal.
+        x[posinf_rows] = np.where(x[posinf_rows] == np.inf, 0.0, -np.inf)
+        x[nan_rows | empty_rows] = 0.0
+        a[special] = 0.0
+
+    d = arith.sub(arith.lift(x), arith.lift(a))  # d_j = x_j - a; d_k = 0
+    e = arith.exp(d)  # e^{d_j}; e^{d_k} = 1
+    s = arith.sum_except(e, k)  # s' = sum_{j != k} e^{d_j}
+    if kind == "softmax":
+        one = arith.lift(np.ones((1, 1)))
+        out = arith.result(arith.div(e, arith.add(one, s)))
+    elif kind == "log_softmax":
+        out = arith.result(arith.sub(d, arith.log1p(s)))
+    else:
+        out = arith.result(arith.add(arith.lift(a), arith.log1p(s)))[:, 0]
+
+    if special.any():
+        out = np.array(out, copy=True)
+        empty_value = {"softmax": 0.0, "log_softmax": -np.inf, "logsumexp": -np.inf}[kind]
+        out[empty_rows] = empty_value
+        out[nan_rows] = np.nan
+        if kind == "logsumexp":
+            out[posinf_rows] = np.inf
+    return out

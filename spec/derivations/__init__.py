@@ -1,0 +1,1 @@
+"""SymPy derivations: each module proves its claims when run (see Claim)."""

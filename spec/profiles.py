@@ -1,0 +1,43 @@
+"""Hypothesis settings profiles shared by the tests and ``attnspec verify``.
+
+``dev`` (default): quick, random, with a local example database.
+``ci``: derandomized (the same examples every run), no deadline, no database.
+``thorough``: many more examples, for a long run before a release.
+
+The environment variable ``ATTNSPEC_PROFILE`` picks one (``dev`` when unset).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+__all__ = ["PROFILE_ENV", "PROFILES", "load_profile", "register_profiles"]
+
+PROFILE_ENV = "ATTNSPEC_PROFILE"
+PROFILES = ("dev", "ci", "thorough")
+
+_common = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+
+
+def register_profiles() -> None:
+    """Register the three profiles with Hypothesis (idempotent)."""
+    settings.register_profile("dev", max_examples=60, **_common)  # type: ignore[arg-type]
+    settings.register_profile(
+        "ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_common
+    )  # type: ignore[arg-type]
+    settings.register_profile("thorough", max_examples=2000, **_common)  # type: ignore[arg-type]
+
+
+def load_profile(name: str | None = None) -> str:
+    """Load the profile ``name`` (or the one ``ATTNSPEC_PROFILE`` names); return its name."""
+    register_profiles()
+    chosen = name or os.environ.get(PROFILE_ENV) or "dev"
+    if chosen not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={chosen!r} is not a profile; choose one of {PROFILES}")
+    settings.load_profile(chosen)
+    return chosen
