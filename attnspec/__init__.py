@@ -7,7 +7,8 @@ correct implementation must satisfy.
 """
 
 from attnspec import exact
+from attnspec.reference.attention import sdpa
 from attnspec.reference.softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "exact", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["__version__", "exact", "log_softmax", "logsumexp", "sdpa", "softmax"]

@@ -4,8 +4,9 @@ from attnspec.reference.exact import (
     DEFAULT_DPS,
     log_softmax,
     logsumexp,
+    sdpa,
     softmax,
     to_float64,
 )
 
-__all__ = ["DEFAULT_DPS", "log_softmax", "logsumexp", "softmax", "to_float64"]
+__all__ = ["DEFAULT_DPS", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]

@@ -68,6 +68,30 @@ class Arithmetic(Protocol[T]):
         """``log(1 + a)`` for ``a >= 0``."""
         ...
 
+    def mul(self, a: T, b: T) -> T:
+        """``a * b``."""
+        ...
+
+    def tanh(self, a: T) -> T:
+        """``tanh(a)``."""
+        ...
+
+    def matmul(self, a: T, b: T) -> T:
+        """``a @ b`` over the last two axes, batch axes broadcast as in numpy."""
+        ...
+
+    def take(self, a: T, index: npt.NDArray[np.intp]) -> T:
+        """``a[..., index[...]]``, one entry a row, keeping the last axis (length 1)."""
+        ...
+
+    def select(self, cond: npt.NDArray[np.bool_], a: T, b: T) -> T:
+        """``a`` where ``cond`` is True, else ``b`` (broadcasting like np.where)."""
+        ...
+
+    def approx(self, a: T) -> F64:
+        """``a`` rounded to float64 (to choose a maximum, to find special values)."""
+        ...
+
     def sum_except(self, a: T, skip: npt.NDArray[np.intp]) -> T:
         """Sum over the last axis leaving out ``a[..., skip[...]]`` (one entry a row).
 
@@ -106,6 +130,24 @@ class Fast:
 
     def log1p(self, a: F64) -> F64:
         return np.log1p(a)
+
+    def mul(self, a: F64, b: F64) -> F64:
+        return np.multiply(a, b)
+
+    def tanh(self, a: F64) -> F64:
+        return np.tanh(a)
+
+    def matmul(self, a: F64, b: F64) -> F64:
+        return np.matmul(a, b)
+
+    def take(self, a: F64, index: npt.NDArray[np.intp]) -> F64:
+        return np.take_along_axis(a, index[..., None], axis=-1)
+
+    def select(self, cond: npt.NDArray[np.bool_], a: F64, b: F64) -> F64:
+        return np.where(cond, a, b)
+
+    def approx(self, a: F64) -> F64:
+        return a
 
     def sum_except(self, a: F64, skip: npt.NDArray[np.intp]) -> F64:
         total = np.sum(a, axis=-1, keepdims=True)

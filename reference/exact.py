@@ -20,22 +20,23 @@ from typing import Any
 import mpmath
 import numpy as np
 import numpy.typing as npt
-
 from attnspec.reference.softmax import _evaluate
 
-__all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "softmax", "to_float64"]
+__all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]
 
 ObjArray = npt.NDArray[np.object_]
 DEFAULT_DPS = 50
 
 
 def _elementwise(f: Callable[[Any], Any]) -> Callable[[Any], ObjArray]:
-    return np.frompyfunc(f, 1, 1)  # type: ignore[no-any-return]
+    ufunc: Callable[[Any], ObjArray] = np.frompyfunc(f, 1, 1)
+    return ufunc
 
 
 _to_mpf = _elementwise(mpmath.mpf)
 _exp = _elementwise(mpmath.exp)
 _log1p = _elementwise(mpmath.log1p)
+_tanh = _elementwise(mpmath.tanh)
 _to_float = np.frompyfunc(float, 1, 1)
 
 
@@ -63,6 +64,35 @@ class Exact:
     def log1p(self, a: ObjArray) -> ObjArray:
         return np.asarray(_log1p(a), dtype=object)
 
+    def mul(self, a: ObjArray, b: ObjArray) -> ObjArray:
+        return a * b
+
+    def tanh(self, a: ObjArray) -> ObjArray:
+        return np.asarray(_tanh(a), dtype=object)
+
+    def matmul(self, a: ObjArray, b: ObjArray) -> ObjArray:
+        # Each entry an exact sum of exact products, rounded once (mpmath.fdot).
+        a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a = np.broadcast_to(a, (*batch, *a.shape[-2:]))
+        b = np.broadcast_to(b, (*batch, *b.shape[-2:]))
+        out = np.empty((*batch, a.shape[-2], b.shape[-1]), dtype=object)
+        for idx in np.ndindex(*batch, a.shape[-2], b.shape[-1]):
+            *bi, i, j = idx
+            row = a[(*bi, i)]
+            col = b[(*bi, slice(None), j)]
+            out[idx] = mpmath.fdot(row, col) if len(row) else mpmath.mpf(0)
+        return out
+
+    def take(self, a: ObjArray, index: npt.NDArray[np.intp]) -> ObjArray:
+        return np.take_along_axis(a, index[..., None], axis=-1)
+
+    def select(self, cond: npt.NDArray[np.bool_], a: ObjArray, b: ObjArray) -> ObjArray:
+        return np.where(cond, a, b)
+
+    def approx(self, a: ObjArray) -> npt.NDArray[np.float64]:
+        return to_float64(a)
+
     def sum_except(self, a: ObjArray, skip: npt.NDArray[np.intp]) -> ObjArray:
         kept = a.copy()
         np.put_along_axis(kept, skip[..., None], mpmath.mpf(0), axis=-1)
@@ -74,9 +104,15 @@ class Exact:
         return a
 
 
-def _run(kind: str, x: object, axis: object, where: object, keepdims: bool, dps: object) -> ObjArray:
+def _check_dps(dps: object) -> None:
     if isinstance(dps, bool) or not isinstance(dps, int | np.integer) or dps < 1:
         raise ValueError(f"dps must be a positive integer (decimal digits), got {dps!r}")
+
+
+def _run(
+    kind: str, x: object, axis: object, where: object, keepdims: bool, dps: object
+) -> ObjArray:
+    _check_dps(dps)
     with mpmath.workdps(int(dps)):
         out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
         # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
@@ -115,6 +151,35 @@ def logsumexp(
 ) -> ObjArray:
     """:func:`attnspec.logsumexp` in mpmath at ``dps`` decimal digits."""
     return _run("logsumexp", x, axis, where, keepdims, dps)
+
+
+def sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    dps: int = DEFAULT_DPS,
+    **options: Any,
+) -> Any:
+    """:func:`attnspec.sdpa` in mpmath at ``dps`` decimal digits.
+
+    Takes the same keyword arguments as :func:`attnspec.sdpa` (except ``precision``)
+    and returns object arrays of mpf: ``out`` or ``(out, lse)``.
+    """
+    from attnspec.reference.attention import _sdpa, sdpa_defaults
+
+    _check_dps(dps)
+    unknown = set(options) - set(sdpa_defaults())
+    if unknown:
+        raise TypeError(f"sdpa() got unexpected keyword argument(s) {sorted(unknown)}")
+    kw = {**sdpa_defaults(), **options}
+    with mpmath.workdps(int(dps)):
+        res = _sdpa(Exact(), q, k, v, **kw)
+        if kw["return_lse"]:
+            return tuple(
+                np.asarray(_to_mpf(np.asarray(r, dtype=object)), dtype=object) for r in res
+            )
+        return np.asarray(_to_mpf(np.asarray(res, dtype=object)), dtype=object)
 
 
 def to_float64(a: object) -> npt.NDArray[np.float64]:

@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from attnspec.reference.arith import Arithmetic, get_arithmetic
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
 
@@ -231,4 +230,61 @@ def _block(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithm
         out[nan_rows] = np.nan
         if kind == "logsumexp":
             out[posinf_rows] = np.inf
+    return out
+
+
+def normalise(
+    arith: Arithmetic[Any], logits: Any, approx: F64, want: tuple[str, ...]
+) -> dict[str, Any]:
+    """The definition on numbers of ``arith``: softmax, log_softmax and LSE of each row.
+
+    ``logits`` holds numbers of the arithmetic, shape (..., n) with n >= 1, excluded
+    entries already -inf; ``approx`` the same values rounded to float64 (used only to
+    choose the maximum term k and to find the special rows). ``want`` names the
+    outputs ("softmax", "log_softmax", "lse"); they are returned as numbers of the
+    arithmetic (LSE with the last axis kept), with the special-row rules applied.
+    """
+    k = np.argmax(approx, axis=-1)
+    top = np.take_along_axis(approx, k[..., None], axis=-1)[..., 0]
+    special = ~np.isfinite(top)
+    if special.any():
+        nan_rows = np.isnan(top)
+        posinf_rows = top == np.inf
+        empty_rows = top == -np.inf
+        # +inf rows: the limit is softmax over the infinite entries, taken as equal;
+        # empty and NaN rows: any finite stand-in, the results are replaced below.
+        with np.errstate(invalid="ignore"):  # NaN == inf compares False, quietly
+            standin = np.where(
+                posinf_rows[..., None], np.where(approx == np.inf, 0.0, -np.inf), 0.0
+            )
+        logits = arith.select(special[..., None], arith.lift(standin), logits)
+        k = np.where(special, np.argmax(standin, axis=-1), k)
+
+    a = arith.take(logits, k)  # the maximum term, shape (..., 1)
+    d = arith.sub(logits, a)  # d_j = x_j - a; d_k = 0
+    e = arith.exp(d)  # e^{d_j}; e^{d_k} = 1
+    s = arith.sum_except(e, k)  # s' = sum_{j != k} e^{d_j}
+    out: dict[str, Any] = {}
+    log1p_s = arith.log1p(s) if ("log_softmax" in want or "lse" in want) else None
+    if "softmax" in want:
+        out["softmax"] = arith.div(e, arith.add(arith.lift(np.ones((1,) * np.ndim(approx))), s))
+    if "log_softmax" in want:
+        out["log_softmax"] = arith.sub(d, log1p_s)
+    if "lse" in want:
+        out["lse"] = arith.add(a, log1p_s)
+
+    if special.any():
+        rules = {
+            "softmax": (0.0, np.nan, None),
+            "log_softmax": (-np.inf, np.nan, None),
+            "lse": (-np.inf, np.nan, np.inf),
+        }
+        for name in out:
+            empty_value, nan_value, posinf_value = rules[name]
+            fix = np.where(empty_rows, empty_value, nan_value)
+            rows = empty_rows | nan_rows
+            if posinf_value is not None:
+                fix = np.where(posinf_rows, posinf_value, fix)
+                rows = rows | posinf_rows
+            out[name] = arith.select(rows[..., None], arith.lift(fix[..., None]), out[name])
     return out

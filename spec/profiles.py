@@ -18,19 +18,20 @@ __all__ = ["PROFILE_ENV", "PROFILES", "load_profile", "register_profiles"]
 PROFILE_ENV = "ATTNSPEC_PROFILE"
 PROFILES = ("dev", "ci", "thorough")
 
-_common = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
-}
+# Exact (mpmath) comparisons make some examples slow; no example is timed.
+_BASE = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def register_profiles() -> None:
     """Register the three profiles with Hypothesis (idempotent)."""
-    settings.register_profile("dev", max_examples=60, **_common)  # type: ignore[arg-type]
+    settings.register_profile("dev", _BASE, max_examples=60)
     settings.register_profile(
-        "ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_common
-    )  # type: ignore[arg-type]
-    settings.register_profile("thorough", max_examples=2000, **_common)  # type: ignore[arg-type]
+        "ci", _BASE, max_examples=100, derandomize=True, database=None, print_blob=True
+    )
+    settings.register_profile("thorough", _BASE, max_examples=2000)
 
 
 def load_profile(name: str | None = None) -> str:

@@ -1,0 +1,168 @@
+"""The command line: ``attnspec verify`` and ``attnspec docs``.
+
+``attnspec verify``
+    proves every SymPy derivation in :mod:`attnspec.spec.derivations` and runs the
+    property battery (:mod:`attnspec.spec.battery`) on the reference in each
+    arithmetic; prints one line per claim (claim, how it was checked, result, time)
+    and exits 1 if any failed. ``--thorough`` uses the ``thorough`` Hypothesis profile.
+``attnspec docs``
+    regenerates the generated parts of docs/ from spec/; ``--check`` only compares and
+    exits 1 when they differ.
+
+Exit status: 0 success, 1 a claim or check failed (or docs drifted), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["main"]
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of the verify report."""
+
+    claim: str
+    how: str
+    passed: bool
+    seconds: float
+    detail: str = ""
+
+
+def _timed(f: Callable[[], object]) -> tuple[bool, float, str]:
+    start = time.perf_counter()
+    try:
+        f()
+    except AssertionError as exc:
+        return False, time.perf_counter() - start, str(exc) or type(exc).__name__
+    return True, time.perf_counter() - start, ""
+
+
+def _derivation_lines() -> list[Line]:
+    from attnspec.spec.derivations import all_claims
+
+    lines = []
+    for claim in all_claims():
+        passed, seconds, detail = _timed(claim.prove)
+        lines.append(
+            Line(f"{claim.topic}: {claim.name}", f"SymPy, {claim.method}", passed, seconds, detail)
+        )
+    return lines
+
+
+def _battery_lines(profile: str) -> list[Line]:
+    from hypothesis import settings
+
+    from attnspec.spec.battery import run_battery
+    from attnspec.spec.profiles import load_profile
+    from attnspec.spec.properties import attnspec_family
+
+    load_profile(profile)
+    lines = []
+    for precision in ("accurate", "fast"):
+        family = attnspec_family(precision)
+        for result in run_battery(family, settings()):
+            lines.append(
+                Line(
+                    f"{family.name}: {result.name}",
+                    result.how,
+                    result.passed,
+                    result.seconds,
+                    result.message or "",
+                )
+            )
+    return lines
+
+
+def _print_report(lines: Sequence[Line], out: TextIO) -> None:
+    width_claim = max([len(line.claim) for line in lines] + [5])
+    width_how = max([len(line.how) for line in lines] + [3])
+    out.write(f"{'claim':<{width_claim}}  {'how':<{width_how}}  result  time\n")
+    for line in lines:
+        verdict = "ok" if line.passed else "FAILED"
+        out.write(
+            f"{line.claim:<{width_claim}}  {line.how:<{width_how}}  {verdict:<6}  "
+            f"{line.seconds:6.2f}s\n"
+        )
+        if not line.passed:
+            for detail in line.detail.splitlines()[:20]:
+                out.write(f"    {detail}\n")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    profile = "thorough" if args.thorough else "ci"
+    start = time.perf_counter()
+    lines = _derivation_lines() + _battery_lines(profile)
+    _print_report(lines, sys.stdout)
+    failed = [line for line in lines if not line.passed]
+    total = time.perf_counter() - start
+    print(
+        f"\n{len(lines) - len(failed)} passed, {len(failed)} failed "
+        f"({len(lines)} claims, Hypothesis profile {profile!r}, {total:.1f}s)"
+    )
+    return 1 if failed else 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from attnspec import docs
+
+    root = Path(args.root) if args.root else docs.find_root()
+    if args.check:
+        drifted = docs.check(root)
+        if drifted:
+            print("docs/ differs from what spec/ generates; run `attnspec docs` to regenerate:")
+            for path in drifted:
+                print(f"  {path}")
+            return 1
+        print(f"docs are in sync with spec/ ({root})")
+        return 0
+    changed = docs.write(root)
+    print(f"wrote {len(changed)} file(s)" + "".join(f"\n  {p}" for p in changed))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnspec",
+        description="A property-tested math specification of softmax and attention.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser(
+        "verify",
+        help="prove every derivation and run the property battery on the reference",
+        description="Prove every SymPy derivation and run the property battery on the "
+        "reference; one line per claim; exit 1 on any failure.",
+    )
+    verify.add_argument(
+        "--thorough",
+        action="store_true",
+        help="many more Hypothesis examples (minutes, not seconds)",
+    )
+    verify.set_defaults(run=_verify)
+    docs = sub.add_parser(
+        "docs",
+        help="regenerate docs/ from spec/ (--check: only compare)",
+        description="Regenerate the generated parts of docs/ from spec/.",
+    )
+    docs.add_argument("--check", action="store_true", help="compare only; exit 1 on drift")
+    docs.add_argument("--root", help="the repository root (default: found from here upward)")
+    docs.set_defaults(run=_docs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

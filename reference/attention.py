@@ -1,0 +1,421 @@
+r"""Scaled dot-product attention: logits -> visibility -> weights -> output (+ lse).
+
+Shapes (the letters are used throughout attnspec):
+
+====  ==============================================================
+B...  leading batch dimensions (any number, broadcast between q, k, v)
+Hq    query heads;  Hkv  key/value heads, ``Hq = G * Hkv``
+L     queries;  S  keys and values
+E     query/key width;  Ev  value width
+====  ==============================================================
+
+``q (..., Hq, L, E)``, ``k (..., Hkv, S, E)``, ``v (..., Hkv, S, Ev)``; query head
+:math:`h` reads key/value head :math:`\lfloor h / G \rfloor`. The output is
+``(..., Hq, L, Ev)``; with ``return_lse`` also ``lse (..., Hq, L)``. Three 2-D arrays
+``(L, E), (S, E), (S, Ev)`` are read as one head and give ``(L, Ev)``.
+
+For query :math:`i`, key :math:`j`, head :math:`h` and alignment offset :math:`o`
+(see :mod:`attnspec.reference.visibility`):
+
+1. :math:`s_{ij} = \tau\, q_i \cdot k_j`, with :math:`\tau` = ``scale``, default :math:`1/\sqrt{E}`;
+2. softcap :math:`c`: :math:`s_{ij} \leftarrow c \tanh(s_{ij} / c)`;
+3. :math:`s_{ij} \leftarrow s_{ij} + b_{ij} - m_h\, |i + o - j|` (``bias``, ALiBi ``alibi_slopes``);
+4. key :math:`j` is visible to query :math:`i` by ``mask``, ``causal`` and ``window``; a
+   logit of :math:`-\infty` hides a key too;
+5. :math:`\ell_i = \log\bigl(\sum_{j\ \mathrm{visible}} e^{s_{ij}} + e^{\sigma_h}\bigr)`
+   (the sink :math:`\sigma_h` is optional: a logit in the normaliser with no value);
+6. :math:`p_{ij} = e^{s_{ij} - \ell_i}` for visible :math:`j`, exactly 0 otherwise;
+7. dropout as an explicit keep-mask: :math:`p_{ij} \leftarrow p_{ij}\, \kappa_{ij} / (1 - p_{\mathrm{drop}})`;
+8. :math:`o_i = \sum_j p_{ij} v_j`.
+
+A row with nothing visible and no sink gives :math:`o_i = 0` and :math:`\ell_i = -\infty`.
+Whatever sits at a hidden position (NaN, inf) never reaches the output. The weights are
+computed by :func:`attnspec.reference.softmax.normalise`, the same definition as
+:func:`attnspec.softmax`, so the special-value rules (an included NaN makes the row NaN,
++inf logits share the weight equally) are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from attnspec.reference.arith import Arithmetic, get_arithmetic
+from attnspec.reference.inputs import as_real_float64
+from attnspec.reference.softmax import normalise
+from attnspec.reference.visibility import alignment_offset, check_window, relative_position, visible
+
+__all__ = ["sdpa", "sdpa_defaults"]
+
+F64 = npt.NDArray[np.float64]
+Bool = npt.NDArray[np.bool_]
+
+
+def sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    scale: float | None = None,
+    mask: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    align: str | None = None,
+    softcap: float | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    sinks: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    precision: str = "accurate",
+) -> Any:
+    r"""Scaled dot-product attention, as defined in :mod:`attnspec.reference.attention`.
+
+    Parameters
+    ----------
+    q, k, v : array_like
+        ``(..., Hq, L, E)``, ``(..., Hkv, S, E)``, ``(..., Hkv, S, Ev)``; real (float16,
+        bfloat16, float32, float64 or integers); leading dimensions broadcast.
+    scale : float, optional
+        :math:`\tau`; default :math:`1/\sqrt{E}`.
+    mask : array_like of bool, optional
+        Broadcasts to ``(..., Hq, L, S)``; True = may attend.
+    bias : array_like, optional
+        Added to the logits; broadcasts to ``(..., Hq, L, S)``; -inf hides a key.
+    causal : bool
+        Key ``j`` visible to query ``i`` only when ``j <= i + o``.
+    window : (left, right), optional
+        Keys with ``i + o - left <= j <= i + o + right``; None for an unbounded side.
+    align : {"top_left", "bottom_right"}, optional
+        Required with ``causal``, ``window`` or ``alibi_slopes`` when ``L != S``.
+    softcap : float, optional
+        :math:`c > 0`: logits become :math:`c \tanh(s / c)` before bias and masking.
+    alibi_slopes : array_like, optional
+        One slope per query head, broadcasting to ``(..., Hq)``.
+    sinks : array_like, optional
+        One sink logit per query head, broadcasting to ``(..., Hq)``.
+    dropout_mask : array_like of bool, optional
+        Keep-mask, broadcasting to ``(..., Hq, L, S)``; required when ``dropout_p > 0``.
+    dropout_p : float
+        In ``[0, 1)``; kept weights are divided by ``1 - dropout_p``.
+    return_lse : bool
+        Also return :math:`\ell`, shape ``(..., Hq, L)``.
+    precision : {"accurate", "fast"}
+        "accurate" (default): each output within :math:`4u \sum_j p_{ij} |v_{jk}|` of the
+        exact value and lse within one ulp; "fast": plain float64.
+
+    Returns
+    -------
+    out : ndarray of float64, ``(..., Hq, L, Ev)``
+    lse : ndarray of float64, ``(..., Hq, L)`` (only with ``return_lse=True``)
+
+    Examples
+    --------
+    >>> import numpy as np, attnspec
+    >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> v = np.array([[10.0], [20.0]])
+    >>> attnspec.sdpa(q, k, v, scale=0.0)  # scale 0: the mean of the values
+    array([[15.]])
+    """
+    return _sdpa(
+        get_arithmetic(precision),
+        q,
+        k,
+        v,
+        scale=scale,
+        mask=mask,
+        bias=bias,
+        causal=causal,
+        window=window,
+        align=align,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+    )
+
+
+def sdpa_defaults() -> dict[str, Any]:
+    """The keyword arguments of :func:`sdpa` (but ``precision``) and their defaults."""
+    return {
+        "scale": None,
+        "mask": None,
+        "bias": None,
+        "causal": False,
+        "window": None,
+        "align": None,
+        "softcap": None,
+        "alibi_slopes": None,
+        "sinks": None,
+        "dropout_mask": None,
+        "dropout_p": 0.0,
+        "return_lse": False,
+    }
+
+
+def _real_scalar(value: object, name: str) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out!r}")
+    return out
+
+
+def _bool_array(value: object, name: str, shape: tuple[int, ...]) -> Bool:
+    arr = np.asarray(value)
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            f"{name} must be a bool array (True = {'keep' if name == 'dropout_mask' else 'may attend'}), "
+            f"got dtype {arr.dtype}; for an additive mask use bias="
+        )
+    _check_broadcast(arr.shape, shape, name, "(..., Hq, L, S)")
+    return arr
+
+
+def _check_broadcast(
+    got: tuple[int, ...], target: tuple[int, ...], name: str, letters: str
+) -> None:
+    try:
+        out = np.broadcast_shapes(got, target)
+    except ValueError:
+        out = None
+    if out != target:
+        raise ValueError(f"{name} with shape {got} does not broadcast to {letters} = {target}")
+
+
+def _per_head(value: object, name: str, batch: tuple[int, ...], hq: int) -> F64:
+    arr = as_real_float64(value, name)
+    _check_broadcast(arr.shape, (*batch, hq), name, "(..., Hq)")
+    return arr
+
+
+def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) -> Any:
+    q64 = as_real_float64(q, "q")
+    k64 = as_real_float64(k, "k")
+    v64 = as_real_float64(v, "v")
+    two_d = q64.ndim == 2 and k64.ndim == 2 and v64.ndim == 2
+    if two_d:
+        q64, k64, v64 = q64[None], k64[None], v64[None]
+    for name, arr, letters in (
+        ("q", q64, "(..., Hq, L, E)"),
+        ("k", k64, "(..., Hkv, S, E)"),
+        ("v", v64, "(..., Hkv, S, Ev)"),
+    ):
+        if arr.ndim < 3:
+            raise ValueError(
+                f"{name} must have shape {letters} (at least 3 dimensions, or q, k, v all "
+                f"2-D for one head), got shape {arr.shape}"
+            )
+    hq, n_q, width = q64.shape[-3:]
+    hkv, n_k, width_k = k64.shape[-3:]
+    if width_k != width:
+        raise ValueError(
+            f"q and k must share their last dimension E: q has shape {q64.shape} (E={width}), "
+            f"k has shape {k64.shape} (E={width_k})"
+        )
+    if v64.shape[-3:-1] != (hkv, n_k):
+        raise ValueError(
+            f"v must have shape (..., Hkv, S, Ev) with Hkv={hkv} and S={n_k} as in k "
+            f"{k64.shape}, got {v64.shape}"
+        )
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"the number of query heads Hq={hq} (q {q64.shape}) must be a multiple of the "
+            f"number of key/value heads Hkv={hkv} (k {k64.shape})"
+        )
+    try:
+        batch = np.broadcast_shapes(q64.shape[:-3], k64.shape[:-3], v64.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"the leading (batch) dimensions of q {q64.shape}, k {k64.shape} and v "
+            f"{v64.shape} do not broadcast"
+        ) from None
+    logits_shape = (*batch, hq, n_q, n_k)
+
+    scale = kw["scale"]
+    tau = 1.0 / math.sqrt(width) if scale is None else _real_scalar(scale, "scale")
+    if scale is None and width == 0:
+        raise ValueError("scale=None needs E > 0 (the default is 1/sqrt(E)); pass scale=")
+    causal = kw["causal"]
+    if not isinstance(causal, bool | np.bool_):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    win = check_window(kw["window"])
+    align = kw["align"]
+    softcap = kw["softcap"]
+    if softcap is not None:
+        softcap = _real_scalar(softcap, "softcap")
+        if softcap <= 0:
+            raise ValueError(f"softcap must be > 0 (the cap c in c*tanh(s/c)), got {softcap}")
+    dropout_p = _real_scalar(kw["dropout_p"], "dropout_p")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and kw["dropout_mask"] is None:
+        raise ValueError(
+            f"dropout_p={dropout_p} needs an explicit dropout_mask (bool, True = keep): "
+            "the reference draws no random numbers"
+        )
+    mask = None if kw["mask"] is None else _bool_array(kw["mask"], "mask", logits_shape)
+    keep = (
+        None
+        if kw["dropout_mask"] is None
+        else _bool_array(kw["dropout_mask"], "dropout_mask", logits_shape)
+    )
+    bias = None if kw["bias"] is None else as_real_float64(kw["bias"], "bias")
+    if bias is not None:
+        _check_broadcast(bias.shape, logits_shape, "bias", "(..., Hq, L, S)")
+    slopes = (
+        None
+        if kw["alibi_slopes"] is None
+        else _per_head(kw["alibi_slopes"], "alibi_slopes", batch, hq)
+    )
+    sinks = None if kw["sinks"] is None else _per_head(kw["sinks"], "sinks", batch, hq)
+    if not isinstance(kw["return_lse"], bool | np.bool_):
+        raise TypeError(f"return_lse must be a bool, got {kw['return_lse']!r}")
+
+    needs = [
+        name
+        for name, on in (
+            ("causal", causal),
+            ("window", win is not None),
+            ("alibi_slopes", slopes is not None),
+        )
+        if on
+    ]
+    offset = alignment_offset(n_q, n_k, align, needed_by=" and ".join(needs)) if needs else 0
+    if not needs and align is not None:
+        alignment_offset(n_q, n_k, align, needed_by="align")  # validates the name
+
+    seen = visible(n_q, n_k, causal=bool(causal), window=win, offset=offset)
+    if mask is not None:
+        seen = mask if seen is None else (mask & seen)
+
+    out, lse = _forward(
+        arith, q64, k64, v64, tau, softcap, bias, slopes, offset, seen, sinks, keep, dropout_p
+    )
+    if two_d:
+        out, lse = out[0], lse[0]
+    return (out, lse) if kw["return_lse"] else out
+
+
+def _forward(
+    arith: Arithmetic[Any],
+    q: F64,
+    k: F64,
+    v: F64,
+    tau: float,
+    softcap: float | None,
+    bias: F64 | None,
+    slopes: F64 | None,
+    offset: int,
+    seen: Bool | None,
+    sinks: F64 | None,
+    keep: Bool | None,
+    dropout_p: float,
+) -> tuple[Any, Any]:
+    """Steps 1-8 of the definition, on validated arrays."""
+    hq, n_q = q.shape[-3], q.shape[-2]
+    hkv, n_k = k.shape[-3], k.shape[-2]
+    # Query head h reads key/value head h // G (G = Hq / Hkv): repeat each kv head G
+    # times. K and V are small next to the (L, S) logits, so the copy is cheap.
+    k = np.repeat(k, hq // hkv, axis=-3)
+    v = np.repeat(v, hq // hkv, axis=-3)
+    if sinks is not None:
+        # A sink is a key with logit sigma_h and value 0: key number S.
+        k = np.concatenate([k, np.zeros((*k.shape[:-2], 1, k.shape[-1]))], axis=-2)
+        v = np.concatenate([v, np.zeros((*v.shape[:-2], 1, v.shape[-1]))], axis=-2)
+        seen = _with_sink_column(seen, n_q, n_k)
+        keep = _with_sink_column(keep, n_q, n_k)
+
+    # 1. s_ij = tau * q_i . k_j
+    s = arith.mul(
+        arith.matmul(arith.lift(q), arith.lift(np.swapaxes(k, -1, -2))),
+        arith.lift(np.float64(tau)),
+    )
+    # 2. softcap: s <- c tanh(s / c)
+    if softcap is not None:
+        c = arith.lift(np.float64(softcap))
+        s = arith.mul(c, arith.tanh(arith.div(s, c)))
+    # 3. bias and ALiBi: s <- s + b - m_h |i + o - j|
+    if bias is not None:
+        s = arith.add(s, arith.lift(_pad_keys(bias, n_k, sinks is not None)))
+    if slopes is not None:
+        distance = np.abs(relative_position(n_q, n_k, offset)).astype(np.float64)
+        distance = _pad_keys(distance, n_k, sinks is not None)
+        s = arith.sub(s, arith.mul(arith.lift(slopes[..., None, None]), arith.lift(distance)))
+    if sinks is not None:
+        is_sink = np.arange(n_k + 1) == n_k
+        s = arith.select(is_sink, arith.lift(sinks[..., None, None]), s)
+    # 4. hidden keys get logit -inf: weight exactly 0, whatever they held.
+    approx = arith.approx(s)
+    if seen is not None:
+        s = arith.select(seen, s, arith.lift(np.full((1, 1), -np.inf)))
+        approx = np.where(seen, approx, -np.inf)
+    # 5-6. lse and weights: the softmax definition (attnspec.reference.softmax).
+    weights = normalise(arith, s, approx, ("softmax", "lse"))
+    p = weights["softmax"]
+    # 7. dropout: p <- p * keep / (1 - p_drop)
+    if keep is not None:
+        p = arith.div(
+            arith.mul(p, arith.lift(keep.astype(np.float64))),
+            arith.sub(arith.lift(np.float64(1.0)), arith.lift(np.float64(dropout_p))),
+        )
+    # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
+    out = _weighted_values(arith, p, approx, keep, v)
+    return arith.result(out), arith.result(weights["lse"])[..., 0]
+
+
+def _pad_keys(a: npt.NDArray[Any], n_k: int, sink: bool) -> npt.NDArray[Any]:
+    """Give a (..., L, S) array a zero column for the sink key, when there is one."""
+    if not sink:
+        return a
+    a = np.broadcast_to(a, (*a.shape[:-1], n_k))
+    return np.concatenate([a, np.zeros((*a.shape[:-1], 1), dtype=a.dtype)], axis=-1)
+
+
+def _with_sink_column(pattern: Bool | None, n_q: int, n_k: int) -> Bool | None:
+    """Visibility or keep pattern with the sink key (always visible, always kept)."""
+    if pattern is None:
+        return None
+    full = np.broadcast_to(pattern, (*pattern.shape[:-2], n_q, n_k))
+    return np.concatenate([full, np.ones((*full.shape[:-1], 1), dtype=bool)], axis=-1)
+
+
+def _weighted_values(arith: Arithmetic[Any], p: Any, approx: F64, keep: Bool | None, v: F64) -> Any:
+    """``P V`` summed over the keys with positive weight, in the extended reals.
+
+    A product P V in BLAS would let a NaN or inf at a hidden key leak through
+    0 * NaN = NaN. So non-finite values are taken out of the product and their
+    effect is added back only where a key with positive weight holds them: a NaN, or
+    both +inf and -inf, give NaN; +inf alone +inf; -inf alone -inf.
+    """
+    finite = np.isfinite(v)
+    if finite.all():
+        return arith.matmul(p, arith.lift(v))
+    out = arith.matmul(p, arith.lift(np.where(finite, v, 0.0)))
+    # Keys that carry weight: not hidden (logit > -inf) and, in a row with +inf
+    # logits, only the +inf keys; dropped keys carry none.
+    row_has_inf = np.any(approx == np.inf, axis=-1, keepdims=True)
+    weighted = np.where(row_has_inf, approx == np.inf, approx > -np.inf)
+    if keep is not None:
+        weighted = weighted & keep
+    w = weighted.astype(np.float64)
+    n_nan = w @ np.isnan(v)
+    n_pos = w @ (v == np.inf)
+    n_neg = w @ (v == -np.inf)
+    patch = np.where(
+        (n_nan > 0) | ((n_pos > 0) & (n_neg > 0)),
+        np.nan,
+        np.where(n_pos > 0, np.inf, -np.inf),
+    )
+    # A row with an included NaN logit is NaN throughout already (the softmax rule).
+    nan_row = np.any(np.isnan(approx), axis=-1, keepdims=True)
+    touched = ((n_nan > 0) | (n_pos > 0) | (n_neg > 0)) & ~nan_row
+    return arith.select(touched, arith.lift(patch), out)
