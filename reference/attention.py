@@ -25,7 +25,8 @@ For query :math:`i`, key :math:`j`, head :math:`h` and alignment offset :math:`o
 5. :math:`\ell_i = \log\bigl(\sum_{j\ \mathrm{visible}} e^{s_{ij}} + e^{\sigma_h}\bigr)`
    (the sink :math:`\sigma_h` is optional: a logit in the normaliser with no value);
 6. :math:`p_{ij} = e^{s_{ij} - \ell_i}` for visible :math:`j`, exactly 0 otherwise;
-7. dropout as an explicit keep-mask: :math:`p_{ij} \leftarrow p_{ij}\, \kappa_{ij} / (1 - p_{\mathrm{drop}})`;
+7. dropout as an explicit keep-mask :math:`\kappa`:
+   :math:`p_{ij} \leftarrow p_{ij}\, \kappa_{ij} / (1 - p_{\mathrm{drop}})`;
 8. :math:`o_i = \sum_j p_{ij} v_j`.
 
 A row with nothing visible and no sink gives :math:`o_i = 0` and :math:`\ell_i = -\infty`.
@@ -172,9 +173,10 @@ def _real_scalar(value: object, name: str) -> float:
 def _bool_array(value: object, name: str, shape: tuple[int, ...]) -> Bool:
     arr = np.asarray(value)
     if arr.dtype != np.bool_:
+        meaning = "keep" if name == "dropout_mask" else "may attend"
         raise TypeError(
-            f"{name} must be a bool array (True = {'keep' if name == 'dropout_mask' else 'may attend'}), "
-            f"got dtype {arr.dtype}; for an additive mask use bias="
+            f"{name} must be a bool array (True = {meaning}), got dtype {arr.dtype}"
+            + ("; for an additive mask use bias=" if name == "mask" else "")
         )
     _check_broadcast(arr.shape, shape, name, "(..., Hq, L, S)")
     return arr

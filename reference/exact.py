@@ -98,7 +98,7 @@ class Exact:
         np.put_along_axis(kept, skip[..., None], mpmath.mpf(0), axis=-1)
         # fsum adds exactly and rounds once.
         sums = [mpmath.fsum(row) for row in kept.reshape(-1, kept.shape[-1])]
-        return np.array(sums, dtype=object).reshape(kept.shape[:-1] + (1,))
+        return np.array(sums, dtype=object).reshape((*kept.shape[:-1], 1))
 
     def result(self, a: ObjArray) -> ObjArray:
         return a

@@ -56,7 +56,7 @@ def as_real_float64(x: object, name: str) -> F64:
             f"shape {arr.shape}; convert it explicitly (e.g. {name}.astype(float)) if "
             "the values are meant as numbers"
         )
-    if dt.kind in "fiu" and dt.itemsize <= 8 or _is_ml_dtypes_float(dt):
+    if (dt.kind in "fiu" and dt.itemsize <= 8) or _is_ml_dtypes_float(dt):
         # float64 input is passed through as it is (not even marked read-only:
         # numpy's argmax is several times slower on read-only arrays); the
         # definitions copy before they write, and the tests check that no input

@@ -13,7 +13,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-__all__ = ["PROFILE_ENV", "PROFILES", "load_profile", "register_profiles"]
+__all__ = ["PROFILES", "PROFILE_ENV", "load_profile", "register_profiles"]
 
 PROFILE_ENV = "ATTNSPEC_PROFILE"
 PROFILES = ("dev", "ci", "thorough")
