@@ -132,13 +132,19 @@ class Fast:
         return np.log1p(a)
 
     def mul(self, a: F64, b: F64) -> F64:
-        return np.multiply(a, b)
+        # inf * 0 = NaN is the IEEE answer the definition relies on (a NaN logit at a
+        # visible key makes its row NaN; at a hidden key it is discarded): no warning.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.multiply(a, b)
 
     def tanh(self, a: F64) -> F64:
         return np.tanh(a)
 
     def matmul(self, a: F64, b: F64) -> F64:
-        return np.matmul(a, b)
+        # Non-finite inputs give NaN or inf entries (inf - inf, inf * 0): the IEEE
+        # answers, which the definition handles; overflow to inf likewise.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.matmul(a, b)
 
     def take(self, a: F64, index: npt.NDArray[np.intp]) -> F64:
         return np.take_along_axis(a, index[..., None], axis=-1)
