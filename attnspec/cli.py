@@ -1,4 +1,4 @@
-"""The command line: ``attnspec verify`` and ``attnspec docs``.
+"""The command line: ``attnspec verify``, ``attnspec docs`` and ``attnspec demo``.
 
 ``attnspec verify``
     proves every SymPy derivation in :mod:`attnspec.spec.derivations` and runs the
@@ -8,6 +8,8 @@
 ``attnspec docs``
     regenerates the generated parts of docs/ from spec/; ``--check`` only compares and
     exits 1 when they differ.
+``attnspec demo``
+    the worked example: attention over the seven characters of "写代码的中年人".
 
 Exit status: 0 success, 1 a claim or check failed (or docs drifted), 2 bad usage.
 """
@@ -128,6 +130,12 @@ def _docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from attnspec import demo
+
+    return demo.run(sys.stdout)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnspec",
@@ -154,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="compare only; exit 1 on drift")
     docs.add_argument("--root", help="the repository root (default: found from here upward)")
     docs.set_defaults(run=_docs)
+    demo = sub.add_parser(
+        "demo",
+        help="walk through attention on seven characters, step by step",
+        description="The classic first example of attention, step by step: scores, "
+        "softmax weights, context vector; then attnspec.sdpa and the exact values.",
+    )
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -47,7 +47,10 @@ class Exact:
     chunk_elements = 0
 
     def lift(self, x: npt.NDArray[np.float64]) -> ObjArray:
-        return np.asarray(_to_mpf(x), dtype=object)
+        # NaN converts to mpf('nan') exactly; numpy's object loop still reports it as an
+        # invalid value, which would be an error under warnings-as-errors.
+        with np.errstate(invalid="ignore"):
+            return np.asarray(_to_mpf(x), dtype=object)
 
     def add(self, a: ObjArray, b: ObjArray) -> ObjArray:
         return a + b
