@@ -244,6 +244,13 @@ def normalise(
     outputs ("softmax", "log_softmax", "lse"); they are returned as numbers of the
     arithmetic (LSE with the last axis kept), with the special-row rules applied.
     """
+    if approx.shape[-1] == 0:  # nothing to attend to: the empty-slice rule
+        empty: dict[str, Any] = {
+            "softmax": logits,
+            "log_softmax": logits,
+            "lse": arith.lift(np.full((*approx.shape[:-1], 1), -np.inf)),
+        }
+        return {name: empty[name] for name in want}
     k = np.argmax(approx, axis=-1)
     top = np.take_along_axis(approx, k[..., None], axis=-1)[..., 0]
     special = ~np.isfinite(top)
