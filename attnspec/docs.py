@@ -8,6 +8,10 @@ objects, proved while rendering. So a page cannot drift from the spec unnoticed:
 to report nothing. To change a page, change the claims or the template here, then run
 ``attnspec docs`` (:func:`write`).
 
+The pages are listed in ``_PAGES`` (path and builder); a new page is a builder
+``(prove) -> str`` added there. ``docs/softmax.md`` and ``docs/attention.md`` are topic
+pages (:func:`_topic_page`): prose, an index of the topic's claims, every claim, prose.
+
 The output is deterministic: it depends only on the claims, the template and the
 installed SymPy's LaTeX printer (no dates, no timings).
 """
@@ -15,9 +19,10 @@ installed SymPy's LaTeX printer (no dates, no timings).
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from attnspec.reference.visibility import alignment_offset, visible
 from attnspec.spec.derivations import Claim, Proof, claims
 
 __all__ = ["check", "find_root", "render", "write"]
@@ -63,13 +68,29 @@ def _is_root(folder: Path) -> bool:
     return bool(name == "attnspec")
 
 
-def render() -> dict[str, str]:
+#: proves a claim, or returns its proof if it was proved already
+Prover = Callable[[Claim], Proof]
+
+#: builds one page's full text; the prover is for the pages that print claims
+PageBuilder = Callable[[Prover], str]
+
+
+def render(proofs: Mapping[str, Proof] | None = None) -> dict[str, str]:
     """Every generated page: relative path (``docs/softmax.md``) -> full file text.
 
     Proves every claim on the way; a claim SymPy does not confirm raises
-    :class:`~attnspec.spec.derivations.claim.ClaimFailed`.
+    :class:`~attnspec.spec.derivations.claim.ClaimFailed`. ``proofs`` maps claim
+    names to proofs the caller has already (e.g. a test that also reads the key
+    steps); the claims missing from it are proved here.
     """
-    return {"docs/softmax.md": _softmax_page()}
+    known = dict(proofs or {})
+
+    def prove(claim: Claim) -> Proof:
+        if claim.name not in known:
+            known[claim.name] = claim.prove()
+        return known[claim.name]
+
+    return {rel: build(prove) for rel, build in _PAGES}
 
 
 def write(root: Path, pages: Mapping[str, str] | None = None) -> list[str]:
@@ -132,16 +153,55 @@ def _claim_section(number: int, claim: Claim, proof: Proof) -> str:
     return "\n".join(parts)
 
 
-def _claims_part(topic: str) -> str:
+def _claims_part(topic: str, prove: Prover) -> str:
     sections = []
     for number, claim in enumerate(claims(topic), start=1):
-        sections.append(_claim_section(number, claim, claim.prove()))
+        sections.append(_claim_section(number, claim, prove(claim)))
     return "\n".join(sections)
 
 
 def _index(topic: str) -> str:
     rows = [f"{n}. [{c.title}](#{c.name})" for n, c in enumerate(claims(topic), start=1)]
     return "\n".join(rows) + "\n"
+
+
+def _fill(template: str, **parts: str) -> str:
+    """Put each ``parts[name]`` where ``{name}`` stands in the template (each exactly once).
+
+    Not :meth:`str.format`: the templates are full of LaTeX braces.
+    """
+    for name, text in parts.items():
+        slot = "{" + name + "}"
+        if template.count(slot) != 1:
+            raise ValueError(f"template has {template.count(slot)} {slot} slots, expected 1")
+        template = template.replace(slot, text)
+    return template
+
+
+def _topic_page(topic: str, intro: str, outro: str, prove: Prover) -> str:
+    """A page for one topic: header, prose, index of its claims, the claims, prose."""
+    return _HEADER + "\n" + intro + _index(topic) + "\n" + _claims_part(topic, prove) + outro
+
+
+def _table(rows: tuple[tuple[str, ...], ...]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _reference_list(references: Iterable[str]) -> str:
+    """A Markdown list of citations, each once, in order of first appearance."""
+    return "".join(f"- {ref}.\n" for ref in dict.fromkeys(references))
+
+
+#: the heading of the claims part, and what the methods mean (shared by the topic pages)
+_CLAIMS_HEADING = """## Claims and their proofs
+
+"Symbolic, general n" means SymPy proved the identity for a symbolic size $n$ (an
+`IndexedBase` and a `Sum`); where SymPy cannot, the claim is proved for every size up
+to the bound given, and the reason is stated.
+
+"""
 
 
 # --- the softmax page -------------------------------------------------------------------
@@ -207,13 +267,7 @@ A slice with nothing included is the one case whose weights do not sum to one: t
 sum to 0. A NaN at an *excluded* position is never read: exclusion happens before
 anything is computed.
 
-## Claims and their proofs
-
-"Symbolic, general n" means SymPy proved the identity for a symbolic size $n$ (an
-`IndexedBase` and a `Sum`); where SymPy cannot, the claim is proved for every size up
-to the bound given, and the reason is stated.
-
-"""
+{claims_heading}"""
 
 #: the special-values table: slice, softmax, log_softmax, LSE, why
 _SPECIAL_VALUES = (
@@ -250,12 +304,6 @@ _SPECIAL_VALUES = (
 )
 
 
-def _table(rows: tuple[tuple[str, ...], ...]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines) + "\n"
-
-
 _SOFTMAX_OUTRO = r"""
 ## Accuracy
 
@@ -285,13 +333,317 @@ Measured errors and timings are in [performance.md](performance.md).
 """
 
 
-def _softmax_page() -> str:
-    return (
-        _HEADER
-        + "\n"
-        + _SOFTMAX_INTRO.replace("{special_values}", _table(_SPECIAL_VALUES))
-        + _index("softmax")
-        + "\n"
-        + _claims_part("softmax")
-        + _SOFTMAX_OUTRO
+def _softmax_page(prove: Prover) -> str:
+    intro = _fill(
+        _SOFTMAX_INTRO, special_values=_table(_SPECIAL_VALUES), claims_heading=_CLAIMS_HEADING
     )
+    return _topic_page("softmax", intro, _SOFTMAX_OUTRO, prove)
+
+
+# --- the attention page -----------------------------------------------------------------
+
+_ATTENTION_INTRO = r"""# Scaled dot-product attention
+
+This page states what `attnspec.sdpa` computes: the shapes, the eight steps of the
+definition, which keys each query may see, the optional parts (grouped-query heads,
+sinks, softcap, ALiBi, dropout), what it returns where the formula has no finite
+answer, and how accurate the result is. The definition is code, written once:
+[`reference/attention.py`](../reference/attention.py) and
+[`reference/visibility.py`](../reference/visibility.py). Every claim below is proved
+by a SymPy derivation in [`spec/derivations/attention.py`](../spec/derivations/attention.py)
+that the tests run; the proofs' key steps printed here are SymPy's own output.
+
+New to attention? [worked-example.md](worked-example.md) computes one query's output
+with every number shown. The weights are a softmax: [softmax.md](softmax.md) defines it
+and its special values. PyTorch, JAX, FlashAttention and others agree with this
+definition on ordinary inputs and differ at the edges; [conventions.md](conventions.md)
+puts them side by side.
+
+## Shapes
+
+{shapes}
+The arrays are `q (..., Hq, L, E)`, `k (..., Hkv, S, E)` and `v (..., Hkv, S, Ev)`; the
+leading dimensions broadcast. The output is `(..., Hq, L, Ev)` in float64, and with
+`return_lse=True` also `lse (..., Hq, L)`. Three 2-D arrays `(L, E)`, `(S, E)`,
+`(S, Ev)` are read as one head and give `(L, Ev)`. Inputs may be float16, bfloat16,
+float32, float64 or integers; they are never modified.
+
+## Definition
+
+In words: each query scores every key it may see, the scores become weights that are
+positive and sum to one, and the output is the weighted average of the values. In
+symbols, for one head $h$, query $i \in [0, L)$ and key $j \in [0, S)$ (rows $q_i$,
+$k_j$, $v_j$ of `q`, `k`, `v`), with the alignment offset $o$ of
+[Visibility](#visibility):
+
+1. **Logits.** $s_{ij} = \tau\, q_i \cdot k_j$, with $\tau$ = `scale`, by default
+   $1/\sqrt{E}$ ([why](#scaling-variance)).
+2. **Softcap** (optional: `softcap`, a cap $c > 0$). $s_{ij} \leftarrow c \tanh(s_{ij} / c)$.
+3. **Bias and ALiBi** (optional). $s_{ij} \leftarrow s_{ij} + b_{ij} - m_h \lvert i + o - j \rvert$,
+   with $b$ = `bias` and the slopes $m$ = `alibi_slopes`.
+4. **Visibility.** Key $j$ is visible to query $i$, written $j \in \mathcal{V}_i$, when
+   `mask` allows it and the causal and window rules do; a logit of $-\infty$ (a bias of
+   $-\infty$) hides a key too.
+5. **Normaliser.** $\ell_i = \log\bigl(\sum_{j \in \mathcal{V}_i} e^{s_{ij}} + e^{\sigma_h}\bigr)$,
+   the term $e^{\sigma_h}$ only with `sinks`. This $\ell_i$ is the `lse` output.
+6. **Weights.** $p_{ij} = e^{s_{ij} - \ell_i}$ for $j \in \mathcal{V}_i$, and exactly 0
+   otherwise.
+7. **Dropout** (optional). $p_{ij} \leftarrow p_{ij}\, \kappa_{ij} / (1 - p_{\mathrm{drop}})$,
+   with the keep-mask $\kappa$ = `dropout_mask` and $p_{\mathrm{drop}}$ = `dropout_p`.
+8. **Output.** $o_i = \sum_j p_{ij} v_j$.
+
+Without the options, steps 5 to 8 take the softmax of each row of logits and average
+the values with those weights, the formula of Vaswani et al.:
+
+```math
+O = \operatorname{softmax}\Bigl(\frac{Q K^T}{\sqrt{E}}\Bigr) V, \qquad
+o_i = \sum_{j=0}^{S-1} \frac{e^{s_{ij}}}{\sum_{l=0}^{S-1} e^{s_{il}}}\, v_j, \qquad
+\ell_i = \log \sum_{j=0}^{S-1} e^{s_{ij}} = \operatorname{LSE}(s_{i,:}).
+```
+
+Steps 5 and 6 run the code of `attnspec.softmax` with the hidden keys as excluded
+entries, so $\ell_i$ is the softmax page's LSE ([claim](#lse-is-softmax-lse)) and its
+rules carry over: the row maximum is subtracted before anything is exponentiated, so
+nothing overflows; a NaN logit at a visible key makes the row NaN; logits of $+\infty$
+share the weight equally. Each row of weights sums to one and each output lies between
+the smallest and the largest visible value ([claim](#weights-convex)), unless the row
+has a sink, dropout, or nothing visible. The order of the steps matters: the softcap
+comes before the bias, so a bias of $-\infty$ still hides a key, and ALiBi is not capped.
+
+## Visibility
+
+Query $i$ sits at key position $i + o$. The offset $o$ is set by `align`:
+
+- `align="top_left"`: $o = 0$, query 0 next to key 0 (PyTorch's `is_causal`);
+- `align="bottom_right"`: $o = S - L$, the last query next to the last key
+  (FlashAttention's `causal` since v2.1). This is the alignment of decoding with a KV
+  cache, where the $L$ queries are the newest of $S$ tokens ([claim](#kv-cache-bottom-right)).
+
+Key $j$ is visible to query $i$ when all three allow it:
+
+```math
+\text{mask}_{ij} = \text{True}, \qquad
+j \le i + o \ \ (\text{causal}), \qquad
+i + o - \text{left} \le j \le i + o + \text{right}
+\ \ (\text{window} = (\text{left}, \text{right})).
+```
+
+`mask` is boolean (True = may attend) and broadcasts to `(..., Hq, L, S)`; an additive
+mask belongs in `bias`. A side of the window given as `None` is unbounded. Which keys
+each query sees for $L = 3$ queries and $S = 5$ keys (`x`: visible, `.`: hidden; drawn
+by `attnspec.reference.visibility.visible`):
+
+{visibility}
+When $L = S$ the two alignments coincide ($o = 0$) and `align` may be left out
+([claim](#alignments)). When $L \ne S$, `causal`, `window` and `alibi_slopes` need an
+explicit `align=`: the peers disagree about it, so the reference raises an error that
+names both rather than guess. Causal attention keeps earlier outputs independent of
+later tokens ([claim](#causal-prefix)); with $L > S$ and the bottom-right alignment the
+first $L - S$ queries see no key at all
+([rows with nothing visible](#rows-with-nothing-visible)).
+
+A hidden key, a key with a bias of $-\infty$ and a key removed from $K$ and $V$ give
+the same output and lse ([claim](#hidden-key)). A large finite fill such as `-1e9` does
+not: it leaves the key a tiny weight.
+
+## Grouped-query attention
+
+With $H_q = G\, H_{kv}$, query head $h$ reads key/value head $\lfloor h / G \rfloor$:
+query heads $Gg, \dots, Gg + G - 1$ share head $g$. That is the same as repeating each
+key/value head $G$ times along the head axis (`numpy.repeat`,
+`torch.repeat_interleave`), the layout of PyTorch's `enable_gqa`, JAX and
+FlashAttention ([claim](#gqa-repeat)). $G = 1$ is ordinary multi-head attention;
+$H_{kv} = 1$ is multi-query attention.
+
+## Sinks
+
+`sinks` gives one logit $\sigma_h$ per query head (broadcasting to `(..., Hq)`). It is a
+key that every query of head $h$ sees, with value 0: it takes part of the weight and
+contributes nothing, so it only shrinks the output ([claim](#sink-rescales)):
+
+```math
+o^{\sigma}_i = \frac{o_i}{1 + e^{\sigma_h - \ell_i}}, \qquad
+\ell^{\sigma}_i = \operatorname{logaddexp}(\ell_i, \sigma_h), \qquad
+\sum_j p_{ij} = 1 - e^{\sigma_h - \ell^{\sigma}_i}.
+```
+
+The lse includes the sink. A row that sees no key but has a sink returns output 0 and
+lse $\sigma_h$.
+
+## Softcap
+
+`softcap`, a cap $c > 0$, replaces each scaled logit by $c \tanh(s_{ij} / c)$, before
+the bias, ALiBi and visibility. The capped logits lie in $(-c, c)$, keep their order, and tend to
+the uncapped ones as $c \to \infty$ ([claim](#softcap-range)). The cap is not a shift, so
+with it adding one vector to every key does change the output
+([claim](#key-shift-invariance)).
+
+## ALiBi
+
+`alibi_slopes` gives one slope $m_h$ per query head; step 3 subtracts
+$m_h \lvert i + o - j \rvert$, a penalty that grows with the distance between the query's
+position $i + o$ and key $j$. It depends on the alignment when $L \ne S$, which must then
+be given. Under causal visibility it equals adding $m_h j$ up to a constant per row: the
+weights and the output agree, the lse differs by exactly $m_h (i + o)$
+([claim](#alibi-causal-row-constant)). Implementations that use the cheaper form give the
+same output and a different lse.
+
+## Dropout
+
+The reference draws no random numbers: dropout is the keep-mask $\kappa$ =
+`dropout_mask` (boolean, True = keep, broadcasting to `(..., Hq, L, S)`) together with
+`dropout_p` in $[0, 1)$; `dropout_p > 0` without a mask is an error. The kept weights
+are divided by $1 - p_{\mathrm{drop}}$ (inverted dropout), so the output is unbiased:
+its expectation over the keep-mask is the output without dropout
+([claim](#dropout-expectation)). The weights of one draw do not sum to one. The lse is
+step 5, before dropout, so dropout does not change it.
+
+## Rows with nothing visible
+
+A query that sees no key (a mask row of False, a window that falls outside the keys,
+a bias of $-\infty$ on every key, or a causal bottom-right query with $L > S$) and has no
+sink returns
+
+```math
+o_i = 0, \qquad \ell_i = -\infty.
+```
+
+Both sums of the definition are empty, and the empty sum is 0. So
+$\ell_i = \log 0 = -\infty$, which is also the limit of $\log Z$ as $Z \to 0^+$; every
+weight is 0 by step 6, so the output is the empty sum $\sum_j 0 \cdot v_j = 0$
+([claim](#empty-row)). The output is a convention, not a limit: a row whose one visible
+key has logit $-t$ returns that key's value for every $t$, however large. The lse of
+$-\infty$ is what makes the convention consistent: when attention over blocks of keys
+is merged by the lse, as FlashAttention and split-KV decoding do, an empty block gets
+the weight $e^{\ell_B - \ell} = 0$ and drops out ([claim](#split-kv-merge)).
+The peers differ here: some return output 0, an implementation that hides keys with a
+large finite fill (such as `-1e9`) returns the mean of the values, and they disagree
+about the lse ([conventions.md](conventions.md)).
+
+## NaN and infinity
+
+What sits at a hidden position never reaches the result. A hidden key gets weight
+exactly 0 in step 6, and the reference leaves it out of the sums instead of
+multiplying it by 0, since in floating point $0 \cdot \mathrm{NaN} = \mathrm{NaN}$ and
+$0 \cdot \infty = \mathrm{NaN}$. So a NaN or an infinity in $k_j$, $v_j$ or $b_{ij}$
+where key $j$ is hidden from query $i$ changes neither $o_i$ nor $\ell_i$; it reaches
+only the queries that see key $j$. Likewise the value of a key that dropout removed
+never reaches the output.
+
+At the visible positions the softmax page's special values and IEEE 754 apply:
+
+- a NaN logit (from a NaN in $q_i$, $k_j$ or $b_{ij}$) makes output row $i$ and
+  $\ell_i$ NaN;
+- logits of $+\infty$ (from the bias) share the weight equally, and $\ell_i = +\infty$;
+- a value of $\pm\infty$ at a key with positive weight makes that output entry
+  $\pm\infty$; both signs, or a NaN value, make it NaN.
+
+{claims_heading}The claims about positions (causal visibility, the alignments, the head mapping) are
+proved on explicit matrices of SymPy symbols, for each size up to the bound given: a
+transcription of steps 1 and 4 to 8 that the tests check against the mpmath evaluation
+of the definition, `attnspec.exact.sdpa`.
+
+"""
+
+#: the shape letters: letter, meaning
+_SHAPE_LETTERS = (
+    ("letter", "meaning"),
+    ("`...`", "leading batch dimensions, any number, broadcast between `q`, `k`, `v`"),
+    ("`Hq`, `Hkv`", "query heads and key/value heads, $H_q = G\\, H_{kv}$"),
+    ("`L`", "queries (index $i$)"),
+    ("`S`", "keys and values (index $j$)"),
+    ("`E`", "width of a query and a key"),
+    ("`Ev`", "width of a value and of an output"),
+)
+
+#: the panels of the visibility picture: heading, causal, window, align
+_VISIBILITY_PANELS: tuple[tuple[str, bool, tuple[int, int] | None, str], ...] = (
+    ('causal, align="top_left"', True, None, "top_left"),
+    ('causal, align="bottom_right"', True, None, "bottom_right"),
+    ('window=(1, 1), align="bottom_right"', False, (1, 1), "bottom_right"),
+)
+
+#: the sizes of the visibility picture
+_PICTURE_QUERIES, _PICTURE_KEYS = 3, 5
+
+
+def _visibility_picture() -> str:
+    """The panels side by side in a text block, rendered from ``visible()``."""
+    n_q, n_k = _PICTURE_QUERIES, _PICTURE_KEYS
+    columns = []
+    for heading, causal, window, align in _VISIBILITY_PANELS:
+        offset = alignment_offset(n_q, n_k, align, needed_by=heading)
+        seen = visible(n_q, n_k, causal=causal, window=window, offset=offset)
+        if seen is None:  # a panel without a rule would show nothing worth a picture
+            raise ValueError(f"visibility panel {heading!r} has neither causal nor window")
+        lines = [heading, f"o = {offset}", "key      " + " ".join(map(str, range(n_k)))]
+        lines += [
+            f"query {i}  " + " ".join("x" if cell else "." for cell in row)
+            for i, row in enumerate(seen)
+        ]
+        columns.append(lines)
+    widths = [max(map(len, lines)) + 4 for lines in columns]
+    rows = [
+        "".join(lines[r].ljust(w) for lines, w in zip(columns, widths, strict=True)).rstrip()
+        for r in range(len(columns[0]))
+    ]
+    return "```text\n" + "\n".join(rows) + "\n```\n"
+
+
+_ATTENTION_OUTRO = r"""
+## Accuracy
+
+The claims above hold in real arithmetic. In floating point the reference offers two
+evaluations of the same definition, chosen with `precision=`:
+
+- `"accurate"` (the default) promises, for every output entry and every lse, with
+  $u = 2^{-53}$ and $o$, $p$, $\ell$ the exact values,
+
+  ```math
+  \lvert \hat o_{ik} - o_{ik} \rvert \le 4u \sum_j p_{ij} \lvert v_{jk} \rvert,
+  \qquad \hat\ell_i \text{ within 1 ulp of } \ell_i .
+  ```
+
+  The bound is relative to $\sum_j p_{ij} \lvert v_{jk} \rvert$, the size of what is
+  averaged, so it holds where the values cancel and $o_{ik}$ is near 0; the factor $4u$
+  does not grow with $S$, $E$ or the size of the logits. It has the form of the
+  classical error bound of a dot product, $\gamma_n \lvert x \rvert^T \lvert y \rvert$
+  (Higham 2002, sec. 3.1), without its growth in $n$. The tests compare the result with
+  the same definition evaluated in mpmath (`attnspec.exact.sdpa`).
+- `"fast"` is plain float64: matrix products for the logits and for $P V$, and the
+  softmax of [softmax.md](softmax.md) in plain float64. It makes no such promise. An
+  error $\delta$ in a logit becomes a relative error of about $\delta$ in its weight
+  ($e^{s + \delta} = e^s e^\delta$), and a logit computed in float64 carries an error up
+  to about $E u\, \tau \sum_e \lvert q_{ie} k_{je} \rvert$ (Higham 2002, sec. 3.1): large
+  logits lose accuracy, even when they share an offset that softmax itself ignores.
+
+Measured errors and timings are in [performance.md](performance.md).
+
+## References
+
+{references}"""
+
+#: cited by the page itself, after the references of its claims
+_ATTENTION_REFERENCES = (
+    "N. J. Higham, *Accuracy and stability of numerical algorithms*, 2nd ed., SIAM, 2002,"
+    " [doi:10.1137/1.9780898718027](https://doi.org/10.1137/1.9780898718027)",
+)
+
+
+def _attention_page(prove: Prover) -> str:
+    intro = _fill(
+        _ATTENTION_INTRO,
+        shapes=_table(_SHAPE_LETTERS),
+        visibility=_visibility_picture(),
+        claims_heading=_CLAIMS_HEADING,
+    )
+    cited = [ref for claim in claims("attention") for ref in claim.references]
+    outro = _fill(_ATTENTION_OUTRO, references=_reference_list([*cited, *_ATTENTION_REFERENCES]))
+    return _topic_page("attention", intro, outro, prove)
+
+
+#: every generated page, in the order written: relative path and builder
+_PAGES: tuple[tuple[str, PageBuilder], ...] = (
+    ("docs/softmax.md", _softmax_page),
+    ("docs/attention.md", _attention_page),
+)
