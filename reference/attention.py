@@ -39,10 +39,12 @@ computed by :func:`attnspec.reference.softmax.normalise`, the same definition as
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from attnspec.reference.arith import Arithmetic, get_arithmetic
 from attnspec.reference.inputs import as_real_float64
 from attnspec.reference.softmax import normalise
@@ -295,34 +297,69 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
     if not needs and align is not None:
         alignment_offset(n_q, n_k, align, needed_by="align")  # validates the name
 
-    seen = visible(n_q, n_k, causal=bool(causal), window=win, offset=offset)
-    if mask is not None:
-        seen = mask if seen is None else (mask & seen)
-
-    out, lse = _forward(
-        arith, q64, k64, v64, tau, softcap, bias, slopes, offset, seen, sinks, keep, dropout_p
-    )
+    # Each query row is independent: evaluate blocks of rows so that the (L, S) logits
+    # and the arithmetic's temporaries stay within a bounded workspace.
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(logits_shape[:-2])) * n_k))
+    outs, lses = [], []
+    for start in range(0, max(n_q, 1), rows_per_block):
+        stop = min(n_q, start + rows_per_block)
+        seen = visible(n_q, n_k, causal=bool(causal), window=win, offset=offset, rows=(start, stop))
+        block_mask = _query_rows(mask, start, stop)
+        if block_mask is not None:
+            seen = block_mask if seen is None else (block_mask & seen)
+        block = Block(
+            tau=tau,
+            softcap=softcap,
+            bias=_query_rows(bias, start, stop),
+            slopes=slopes,
+            distance=None
+            if slopes is None
+            else np.abs(relative_position(n_q, n_k, offset, (start, stop))).astype(np.float64),
+            seen=seen,
+            sinks=sinks,
+            keep=_query_rows(keep, start, stop),
+            dropout_p=dropout_p,
+        )
+        o_block, lse_block = _forward(arith, q64[..., start:stop, :], k64, v64, block)
+        outs.append(o_block)
+        lses.append(lse_block)
+    out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-2)
+    lse = lses[0] if len(lses) == 1 else np.concatenate(lses, axis=-1)
     if two_d:
         out, lse = out[0], lse[0]
     return (out, lse) if kw["return_lse"] else out
 
 
-def _forward(
-    arith: Arithmetic[Any],
-    q: F64,
-    k: F64,
-    v: F64,
-    tau: float,
-    softcap: float | None,
-    bias: F64 | None,
-    slopes: F64 | None,
-    offset: int,
-    seen: Bool | None,
-    sinks: F64 | None,
-    keep: Bool | None,
-    dropout_p: float,
-) -> tuple[Any, Any]:
-    """Steps 1-8 of the definition, on validated arrays."""
+#: elements of the (..., L, S) logits evaluated at once (32 MiB of float64)
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Block:
+    """What the definition needs for one block of query rows (all validated)."""
+
+    tau: float
+    softcap: float | None
+    bias: F64 | None
+    slopes: F64 | None
+    distance: F64 | None  # |i + o - j| for the block's queries, with ALiBi
+    seen: Bool | None  # visibility (mask, causal, window); None: all visible
+    sinks: F64 | None
+    keep: Bool | None
+    dropout_p: float
+
+
+def _query_rows(a: npt.NDArray[Any] | None, start: int, stop: int) -> npt.NDArray[Any] | None:
+    """Rows start:stop of the query axis (-2) of a (..., L, S) array, if it has one."""
+    if a is None or a.ndim < 2 or a.shape[-2] == 1:
+        return a
+    return a[..., start:stop, :]
+
+
+def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tuple[Any, Any]:
+    """Steps 1-8 of the definition, for one block of queries."""
+    tau, softcap, bias, slopes = blk.tau, blk.softcap, blk.bias, blk.slopes
+    seen, sinks, keep, dropout_p = blk.seen, blk.sinks, blk.keep, blk.dropout_p
     hq, n_q = q.shape[-3], q.shape[-2]
     hkv, n_k = k.shape[-3], k.shape[-2]
     # Query head h reads key/value head h // G (G = Hq / Hkv): repeat each kv head G
@@ -349,8 +386,8 @@ def _forward(
     if bias is not None:
         s = arith.add(s, arith.lift(_pad_keys(bias, n_k, sinks is not None)))
     if slopes is not None:
-        distance = np.abs(relative_position(n_q, n_k, offset)).astype(np.float64)
-        distance = _pad_keys(distance, n_k, sinks is not None)
+        assert blk.distance is not None
+        distance = _pad_keys(blk.distance, n_k, sinks is not None)
         s = arith.sub(s, arith.mul(arith.lift(slopes[..., None, None]), arith.lift(distance)))
     if sinks is not None:
         is_sink = np.arange(n_k + 1) == n_k

@@ -72,9 +72,15 @@ def check_window(window: object) -> tuple[int | None, int | None] | None:
     return sides[0], sides[1]
 
 
-def relative_position(n_queries: int, n_keys: int, offset: int) -> npt.NDArray[np.int64]:
-    """``j - (i + o)`` for every query ``i`` and key ``j``: shape (L, S)."""
-    i = np.arange(n_queries, dtype=np.int64)[:, None]
+def relative_position(
+    n_queries: int, n_keys: int, offset: int, rows: tuple[int, int] | None = None
+) -> npt.NDArray[np.int64]:
+    """``j - (i + o)`` for every query ``i`` and key ``j``: shape (L, S).
+
+    ``rows=(start, stop)`` gives only the queries ``start <= i < stop``.
+    """
+    start, stop = (0, n_queries) if rows is None else rows
+    i = np.arange(start, stop, dtype=np.int64)[:, None]
     j = np.arange(n_keys, dtype=np.int64)[None, :]
     return j - (i + offset)
 
@@ -86,15 +92,17 @@ def visible(
     causal: bool = False,
     window: tuple[int | None, int | None] | None = None,
     offset: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> npt.NDArray[np.bool_] | None:
     """The (L, S) pattern of causal and window visibility, or None when all is visible.
 
     A user ``mask`` is combined with it by the caller (logical and).
+    ``rows=(start, stop)`` gives only the queries ``start <= i < stop``.
     """
     if not causal and window is None:
         return None
-    rel = relative_position(n_queries, n_keys, offset)  # j - (i + o)
-    seen = np.ones((n_queries, n_keys), dtype=bool)
+    rel = relative_position(n_queries, n_keys, offset, rows)  # j - (i + o)
+    seen = np.ones(rel.shape, dtype=bool)
     if causal:
         seen &= rel <= 0
     if window is not None:
