@@ -74,7 +74,7 @@ def _battery_lines(profile: str) -> list[Line]:
             lines.append(
                 Line(
                     f"{family.name}: {result.name}",
-                    result.how,
+                    result.description,
                     result.passed,
                     result.seconds,
                     result.message or "",
@@ -84,15 +84,11 @@ def _battery_lines(profile: str) -> list[Line]:
 
 
 def _print_report(lines: Sequence[Line], out: TextIO) -> None:
-    width_claim = max([len(line.claim) for line in lines] + [5])
-    width_how = max([len(line.how) for line in lines] + [3])
-    out.write(f"{'claim':<{width_claim}}  {'how':<{width_how}}  result  time\n")
+    width = max([len(line.claim) for line in lines] + [5])
+    out.write(f"{'result':<6}  {'time':>7}  {'claim':<{width}}  how it was checked\n")
     for line in lines:
         verdict = "ok" if line.passed else "FAILED"
-        out.write(
-            f"{line.claim:<{width_claim}}  {line.how:<{width_how}}  {verdict:<6}  "
-            f"{line.seconds:6.2f}s\n"
-        )
+        out.write(f"{verdict:<6}  {line.seconds:6.2f}s  {line.claim:<{width}}  {line.how}\n")
         if not line.passed:
             for detail in line.detail.splitlines()[:20]:
                 out.write(f"    {detail}\n")

@@ -118,9 +118,10 @@ class Fast:
         return np.add(a, b)
 
     def sub(self, a: F64, b: F64) -> F64:
-        # x - max may be -inf - (-inf) only for rows the definition has already
-        # replaced, so no invalid-operation warning can come from real data.
-        return np.subtract(a, b)
+        # x - max overflows to -inf for x = -1e308, max = 1e308: the correctly
+        # rounded result, and exp(-inf) = 0 is the right weight. No warning.
+        with np.errstate(over="ignore"):
+            return np.subtract(a, b)
 
     def div(self, a: F64, b: F64) -> F64:
         return np.divide(a, b)

@@ -20,6 +20,7 @@ from typing import Any
 import mpmath
 import numpy as np
 import numpy.typing as npt
+
 from attnspec.reference.softmax import _evaluate
 
 __all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]
@@ -40,6 +41,14 @@ _tanh = _elementwise(mpmath.tanh)
 _to_float = np.frompyfunc(float, 1, 1)
 
 
+def _as_mpf(a: object) -> ObjArray:
+    """Every entry as an mpf (exact for float64 entries), as an object array."""
+    # NaN converts to mpf('nan') exactly; numpy's object loop still reports it as an
+    # invalid value, which would be an error under warnings-as-errors.
+    with np.errstate(invalid="ignore"):
+        return np.asarray(_to_mpf(np.asarray(a, dtype=object)), dtype=object)
+
+
 class Exact:
     """mpmath numbers at the precision of the enclosing ``mpmath.workdps``."""
 
@@ -47,10 +56,7 @@ class Exact:
     chunk_elements = 0
 
     def lift(self, x: npt.NDArray[np.float64]) -> ObjArray:
-        # NaN converts to mpf('nan') exactly; numpy's object loop still reports it as an
-        # invalid value, which would be an error under warnings-as-errors.
-        with np.errstate(invalid="ignore"):
-            return np.asarray(_to_mpf(x), dtype=object)
+        return _as_mpf(x)
 
     def add(self, a: ObjArray, b: ObjArray) -> ObjArray:
         return a + b
@@ -119,7 +125,7 @@ def _run(
     with mpmath.workdps(int(dps)):
         out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
         # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
-        return np.asarray(_to_mpf(np.asarray(out, dtype=object)), dtype=object)
+        return _as_mpf(out)
 
 
 def softmax(
@@ -179,13 +185,14 @@ def sdpa(
     with mpmath.workdps(int(dps)):
         res = _sdpa(Exact(), q, k, v, **kw)
         if kw["return_lse"]:
-            return tuple(
-                np.asarray(_to_mpf(np.asarray(r, dtype=object)), dtype=object) for r in res
-            )
-        return np.asarray(_to_mpf(np.asarray(res, dtype=object)), dtype=object)
+            return tuple(_as_mpf(r) for r in res)
+        return _as_mpf(res)
 
 
 def to_float64(a: object) -> npt.NDArray[np.float64]:
     """Round an array of mpmath numbers to float64 (round to nearest)."""
     arr = np.asarray(a, dtype=object)
-    return np.asarray(_to_float(arr), dtype=np.float64).reshape(arr.shape)
+    # Values beyond the float64 range round to +-inf, correctly, and mpf('nan') to
+    # NaN: numpy's object loop reports both, so silence it here only.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(_to_float(arr), dtype=np.float64).reshape(arr.shape)

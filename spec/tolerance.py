@@ -16,7 +16,24 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["U64", "ulp_error", "ulp_of_exact"]
+__all__ = [
+    "ACCURACIES",
+    "ETA64",
+    "SECOND_ORDER",
+    "U64",
+    "UNDERFLOW_RANGE",
+    "error_bound",
+    "faithful_bound",
+    "log_softmax_fast_bound",
+    "logsumexp_fast_bound",
+    "perturbed_softmax_factor",
+    "r_elem_unclamped",
+    "row_ranges",
+    "softmax_fast_bound",
+    "sum_to_one_bound",
+    "ulp_error",
+    "ulp_of_exact",
+]
 
 F64 = npt.NDArray[np.float64]
 
@@ -30,13 +47,13 @@ def ulp_of_exact(y: Any) -> Any:
     y = abs(mpmath.mpf(y))
     if y == 0 or not mpmath.isfinite(y):
         return _TINY
-    e = int(mpmath.floor(mpmath.log(y, 2)))
-    # log(y, 2) can round across an integer; correct it with exact comparisons.
-    while mpmath.mpf(2) ** e > y:
-        e -= 1
-    while mpmath.mpf(2) ** (e + 1) <= y:
-        e += 1
-    return max(mpmath.mpf(2) ** (e - 52), _TINY)
+    # floor(log2 y) exactly, from the binary representation y = man * 2**exp with a
+    # mantissa of bc bits (taking log(y, 2) instead loops for ages on y ~ 1e-1e308).
+    _, _, exp, bc = y._mpf_
+    e = int(exp) + int(bc) - 1
+    if e < -1022:  # subnormal range: the spacing is the smallest subnormal
+        return _TINY
+    return mpmath.mpf(2) ** (e - 52)
 
 
 def _one(c: float, y: Any) -> float:
@@ -64,3 +81,219 @@ def ulp_error(computed: npt.ArrayLike, exact: npt.ArrayLike) -> F64:
         for idx in np.ndindex(c.shape):
             out[idx] = _one(float(c[idx]), e[idx])
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Error bounds of the softmax family, per element.
+#
+# A bound is a pair of arrays ``(rel, abs)`` with the shape of the result: the computed
+# value c and the exact value y satisfy |c - y| <= rel * |y| + abs. The bounds depend on
+# the inputs only (never on the exact value), so that every property can use them.
+# ---------------------------------------------------------------------------------------
+
+#: the accuracy classes a softmax implementation may claim
+ACCURACIES = ("faithful", "fast")
+
+#: smallest positive subnormal float64, 2**-1074
+ETA64 = 2.0**-1074
+
+#: beyond this distance below the row maximum, e^{x_j - a} < 2**-1074: the term is 0 or
+#: the smallest subnormal whatever its relative error, so only an absolute error remains.
+#: log(2**-1074) = -744.44..., rounded up.
+UNDERFLOW_RANGE = 746.0
+
+#: factor that absorbs the second-order terms of the first-order bounds below and the
+#: rounding of the bound's own evaluation. Every first-order coefficient c satisfies
+#: c * u <= 2**-20 for rows of up to 2**30 entries, and a product of k factors
+#: (1 + d_i), sum |d_i| = t <= 2**-20, differs from 1 + t by at most t**2 <= 2**-20 t;
+#: 1.01 leaves a wide margin.
+SECOND_ORDER = 1.01
+
+_KINDS = ("softmax", "log_softmax", "logsumexp")
+
+
+def _check_accuracy(accuracy: str) -> None:
+    if accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy must be one of {ACCURACIES!r}, got {accuracy!r}")
+
+
+def row_ranges(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64, F64]:
+    r"""Per-row statistics the bounds need, for rows ``x`` of shape (R, n).
+
+    Returns ``(n_incl, r_elem, r_max)``: the number of included entries of each row
+    (shape (R, 1)); :math:`r_j = \min(a - x_j, 746)` for included finite entries
+    (0 elsewhere), with :math:`a` the row maximum; and :math:`r = \max_j r_j` (shape
+    (R, 1)). Entries that are not finite, and excluded ones, count as not included;
+    rows holding them are decided exactly by the special-value rules.
+    """
+    incl = included & np.isfinite(x)
+    n_incl = incl.sum(axis=-1, keepdims=True).astype(np.float64)
+    lo = np.where(incl, x, np.inf)
+    hi = np.where(incl, x, -np.inf)
+    a = hi.max(axis=-1, keepdims=True, initial=-np.inf)
+    # a - x_j may overflow for |x| near 1e308; the clamp makes that harmless.
+    with np.errstate(over="ignore", invalid="ignore"):
+        r_elem = np.where(incl, np.minimum(a - x, UNDERFLOW_RANGE), 0.0)
+        r_max = np.where(
+            n_incl > 0,
+            np.minimum(a - lo.min(axis=-1, keepdims=True, initial=np.inf), UNDERFLOW_RANGE),
+            0.0,
+        )
+    return n_incl, r_elem, r_max
+
+
+def faithful_bound(shape: tuple[int, ...]) -> tuple[F64, F64]:
+    r"""The bound of a faithfully rounded result: within one ulp of the exact value.
+
+    A result within 1 ulp of :math:`y` satisfies :math:`|c - y| \le \operatorname{ulp}(y)
+    \le 2u|y|` for normal :math:`|y|` and :math:`\le 2^{-1074}` in the subnormal range,
+    so ``rel = 2u``, ``abs = 2**-1074`` (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., SIAM 2002, sec. 2.1, doi:10.1137/1.9780898718027).
+    The agreement property checks the sharper statement ``ulp_error <= 1`` directly.
+    """
+    return np.full(shape, 2 * U64), np.full(shape, ETA64)
+
+
+def softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
+    r"""Error bound of the shifted, divided softmax in float64 (rows of shape (R, n)).
+
+    The algorithm (Blanchard, Higham & Higham 2021, Alg. 4.1; ``reference/softmax.py``):
+    :math:`a = x_k = \max x`, :math:`\hat d_j = fl(x_j - a)`, :math:`\hat e_j =
+    fl(\exp \hat d_j)`, :math:`\hat D = fl(1 + \hat s')` with :math:`\hat s'` the
+    computed sum of the other terms, :math:`\hat p_j = fl(\hat e_j / \hat D)`.
+
+    Model: every arithmetic operation rounds to nearest (:math:`|\delta| \le u =
+    2^{-53}`); ``exp`` and ``log1p`` are faithful (relative error :math:`< 2u`; numpy's
+    are within 0.67 ulp on the development machine, see shared/notes/accuracy.md). Then,
+    to first order, with :math:`r_j = a - x_j` and :math:`r = \max_j r_j`:
+
+    * :math:`\hat d_j = d_j(1 + \delta)` perturbs :math:`e_j` by the factor
+      :math:`e^{r_j u}`, and ``exp`` adds :math:`2u`: :math:`\hat e_j = e_j(1 +
+      \epsilon_j)`, :math:`|\epsilon_j| \le (r_j + 2)u`.
+    * The sum of :math:`n` nonnegative terms in any order: :math:`\gamma_{n-1}` (Higham
+      2002, eq. (4.4)); forming :math:`s' = T - 1` and :math:`1 + s'` adds at most two
+      roundings (none when :math:`\hat T \le 2`, by Sterbenz' lemma): :math:`|\hat D / D -
+      1| \le (n + 3 + r)u`.
+    * The division: :math:`u`.
+
+    So :math:`|\hat p_j - p_j| \le (n + 6 + r_j + r)\,u\, p_j`, which has the form of
+    Blanchard, Higham & Higham 2021, Thm 4.3 (doi:10.1093/imanum/draa038, paraphrased
+    in shared/notes/numerics.md as :math:`[n + 2 + 2(x_{\max} - x_{\min})]u + O(u^2)`
+    for an exactly rounded exp); the two extra roundings for the sum and :math:`2u`
+    instead of :math:`u` for a faithful ``exp`` give :math:`n + 6`.
+
+    Underflow: a term with :math:`r_j > 744.5` rounds to 0 or :math:`2^{-1074}`, and a
+    subnormal quotient rounds with absolute error :math:`\le 2^{-1075}`; this gives the
+    absolute part :math:`2^{-1073}` and is why :math:`r_j` and :math:`r` are clamped at
+    746 (see :func:`row_ranges`). ``SECOND_ORDER`` absorbs the :math:`O(u^2)` terms.
+    """
+    n, r_elem, r_max = row_ranges(x, included)
+    rel = SECOND_ORDER * (n + 6.0 + r_elem + r_max) * U64
+    return np.broadcast_to(rel, x.shape).copy(), np.full(x.shape, 2 * ETA64)
+
+
+def log_softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
+    r"""Error bound of the shifted log-softmax :math:`\hat d_j - fl(\log(1 + \hat s'))`.
+
+    With the model and notation of :func:`softmax_fast_bound` and :math:`L =
+    \log(1 + s') \le \log n`:
+
+    * :math:`\hat s'` (the computed sum minus the maximum term, or any order of the
+      sum): :math:`|\hat s' - s'| \le (r + 2)u\,s' + (n - 1)u\,T + uT`, with
+      :math:`T = 1 + s'`, so :math:`|\log(1 + \hat s') - L| \le (n + 2 + r)u`
+      (the derivative of :math:`\log(1+s)` is :math:`1/(1+s)`);
+    * ``log1p`` is faithful: :math:`2uL`;
+    * :math:`\hat d_j`: :math:`u|d_j|`; the final subtraction: :math:`u(|d_j| + L)`.
+
+    Total, absolute: :math:`u(2|d_j| + 3\log n + n + 2 + r)`. The bound is absolute,
+    not relative: when :math:`s'` is tiny the result at the maximum is
+    :math:`-\log(1+s') \approx -s'` and the fast path may return 0 (the relative error
+    is then 1), which this bound allows and a faithful implementation does not.
+    Blanchard, Higham & Higham 2021, sec. 3, derive the same kind of absolute bound for
+    the shifted log-sum-exp.
+    """
+    n, _, r_max = row_ranges(x, included)
+    log_n = np.log(np.maximum(n, 1.0))
+    absolute = SECOND_ORDER * (2 * r_elem_unclamped(x, included) + 3 * log_n + n + 2 + r_max)
+    return np.zeros(x.shape), np.broadcast_to(absolute * U64, x.shape).copy()
+
+
+def r_elem_unclamped(x: F64, included: npt.NDArray[np.bool_]) -> F64:
+    """:math:`|x_j - a|` for included finite entries (0 elsewhere), not clamped."""
+    incl = included & np.isfinite(x)
+    a = np.where(incl, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+    # a - x_j overflows to inf for |x| near 1e308: the bound is then vacuous, as it
+    # must be (the exact result is beyond float64 too).
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(incl, a - x, 0.0)
+
+
+def logsumexp_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
+    r"""Error bound of the shifted log-sum-exp :math:`fl(a + fl(\log(1 + \hat s')))`.
+
+    As in :func:`log_softmax_fast_bound`, :math:`\log(1 + \hat s')` is within
+    :math:`(n + 2 + r)u + 2uL` of :math:`L`; adding :math:`a` (exact) rounds once, by at
+    most :math:`u|a + L| \le u(|a| + \log n)`. Absolute bound, shape (R, 1):
+    :math:`u(|a| + 3\log n + n + 2 + r)`. Blanchard, Higham & Higham 2021 (sec. 3)
+    bound the shifted log-sum-exp the same way: the error is absolute, and relative
+    only when :math:`|a + L|` is not small.
+    """
+    n, _, r_max = row_ranges(x, included)
+    incl = included & np.isfinite(x)
+    a = np.where(incl, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
+    a = np.where(np.isfinite(a), a, 0.0)
+    log_n = np.log(np.maximum(n, 1.0))
+    absolute = SECOND_ORDER * (np.abs(a) + 3 * log_n + n + 2 + r_max) * U64
+    return np.zeros(absolute.shape), absolute
+
+
+def error_bound(
+    kind: str, accuracy: str, x: F64, included: npt.NDArray[np.bool_]
+) -> tuple[F64, F64]:
+    """The bound ``(rel, abs)`` of ``kind`` for rows ``x`` (R, n) at ``accuracy``.
+
+    For softmax and log_softmax the arrays have shape (R, n); for logsumexp (R, 1).
+    """
+    _check_accuracy(accuracy)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS!r}, got {kind!r}")
+    if accuracy == "faithful":
+        shape = x.shape if kind != "logsumexp" else (x.shape[0], 1)
+        return faithful_bound(shape)
+    # For |x| near 1e308 a bound may overflow to inf: it is then vacuous, as it must be
+    # (the result itself is near or beyond the float64 range).
+    with np.errstate(over="ignore"):
+        if kind == "softmax":
+            return softmax_fast_bound(x, included)
+        if kind == "log_softmax":
+            return log_softmax_fast_bound(x, included)
+        return logsumexp_fast_bound(x, included)
+
+
+def sum_to_one_bound(rel: F64, absolute: F64) -> F64:
+    r"""How far the exactly summed softmax row may lie from 1, per row (shape (R, 1)).
+
+    With :math:`|\hat p_j - p_j| \le \rho_j p_j + \alpha_j` and :math:`\sum p_j = 1`:
+    :math:`|\sum_j \hat p_j - 1| \le \max_j \rho_j + \sum_j \alpha_j`. The check sums
+    with ``math.fsum`` (correctly rounded, Shewchuk 1997, doi:10.1007/PL00009321), which
+    adds at most :math:`u(1 + \dots) \le 1.01u`. For a faithful softmax this is
+    :math:`3.01u + n\,2^{-1074}`.
+    """
+    return (
+        np.max(rel, axis=-1, keepdims=True, initial=0.0)
+        + np.sum(absolute, axis=-1, keepdims=True)
+        + SECOND_ORDER * U64
+    )
+
+
+def perturbed_softmax_factor(delta: float) -> float:
+    r"""How much softmax may change when each logit moves by at most ``delta``.
+
+    For :math:`|\tilde x_i - x_i| \le \delta`: :math:`\operatorname{softmax}(\tilde
+    x)_j / \operatorname{softmax}(x)_j = e^{\tilde x_j - x_j} / \sum_i p_i e^{\tilde x_i
+    - x_i} \in [e^{-2\delta}, e^{2\delta}]`, so the relative change is at most
+    :math:`e^{2\delta} - 1` (the factor returned, rounded up by ``SECOND_ORDER``).
+    """
+    if not 2 * delta < 709.0:  # expm1 would overflow: the bound says nothing
+        return math.inf
+    return SECOND_ORDER * math.expm1(2 * delta)
