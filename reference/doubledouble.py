@@ -1,6 +1,919 @@
-"""Double-double arithmetic (placeholder: being written)."""
-from attnspec.reference.arith import Fast
+r"""Double-double arithmetic: the ``accurate`` precision.
+
+A number is an unevaluated sum :math:`\hat a = a_{hi} + a_{lo}` of two float64 values
+(:class:`DD`); ``lo`` may be ``None`` for a value that is an exact float64, so that
+:meth:`DoubleDouble.lift` costs nothing. Everything is built from error-free
+transformations in plain float64 numpy (numpy has no fused multiply-add):
+
+TwoSum (Knuth; Ogita, Rump & Oishi 2005, Alg. 3.1)
+    :math:`s = \mathrm{fl}(a+b)` and :math:`e = (a - (s - b')) + (b - b')`,
+    :math:`b' = s - a`, give :math:`a + b = s + e` exactly, unless :math:`s` overflows.
+Fast2Sum (Dekker 1971)
+    for :math:`|a| \ge |b|`, :math:`e = (a - s) + b` gives the same in three operations.
+TwoProduct (Dekker 1971, with Veltkamp's splitting)
+    :math:`a = a_1 + a_2` with 26-bit halves (:math:`c = (2^{27}+1)a`,
+    :math:`a_1 = c - (c - a)`), and
+    :math:`e = ((a_1 b_1 - p) + a_1 b_2 + a_2 b_1) + a_2 b_2` gives :math:`ab = p + e`
+    exactly for :math:`p = \mathrm{fl}(ab)`, when no partial product underflows and
+    :math:`|a|, |b| < 2^{995}`.
+
+With :math:`u = 2^{-53}` the operations used on whole rows have these errors (relative
+to the exact result of the operation on the double-double operands):
+
+* the shift :math:`d = x - a` is exact (TwoSum); where it overflows (:math:`\pm 10^{308}`)
+  ``hi`` is :math:`-\infty`, the correctly rounded value, and ``lo`` is set to 0;
+* ``exp`` (:func:`exp_rows`): :math:`\le 2^{-62.3}` (derivation at the function);
+* ``sum_except`` (:func:`extract_sum`): nonnegative terms, :math:`\le 2^{2M+2}n^2u^3 + nu^2`
+  with :math:`2^M \ge 2(n+2)` (:math:`2^{-86}` at :math:`n = 10^5`);
+* ``div`` by a per-row divisor: :math:`\le 2^{-100}` for the reciprocal, then an exact
+  product of ``exp``'s 26-bit high part with a 26-bit part of the reciprocal and two
+  cross terms (:math:`\le 2^{-77}`; TwoProduct, :math:`\le 3u^2`, for other operands);
+* ``log1p`` of a per-row sum (:meth:`DoubleDouble.log1p`): :math:`\le 2^{-88}`;
+* ``add``/``sub`` of two double-doubles: :math:`\le 4u^2(|a| + |b|)`.
+
+A double-double with relative error :math:`\delta` rounds (:meth:`DoubleDouble.result`,
+one IEEE addition :math:`\mathrm{fl}(hi + lo)`, which is correctly rounded) to within
+:math:`1/2 + 2^{53}\delta` ulp. For softmax and log_softmax the errors above add up to
+:math:`\delta < 2^{-62}`, so every normal result is within :math:`0.51` ulp of the exact
+value. Below :math:`2^{-969}` a double-double cannot hold its low part (it would be
+subnormal): there ``exp`` rounds each part to the subnormal grid, and the operations
+that need more recompute at scale :math:`2^{600}` (the product in ``div``, the terms of
+``sum_except``), so that a subnormal softmax carries the rounding of :math:`e^{d_j}`
+(half a subnormal ulp, divided by :math:`1+s'`) and the final rounding: below 1 ulp.
+
+Performance: rows are evaluated in blocks (``chunk_elements``) whose temporaries come
+from a :class:`Scratch` pool, so that the dozen arrays alive per block are reused rather
+than allocated (fresh allocations of a few hundred KiB cost page faults).
+
+logsumexp :math:`a + \log(1+s')` can cancel when :math:`a < 0` (its value near 0):
+its absolute error is that of :math:`\log(1+s')`, about :math:`2^{-62.5}\min(1, s')`,
+which is not small compared with a result near 0. Rows where
+:math:`|\mathrm{LSE}| < 2^{-6}\, s'/(1+s')` are therefore recomputed from their inputs in
+mpmath at a working precision raised until the float64 rounding is settled (Ziv's
+strategy); other rows keep the double-double value, within 0.6 ulp. Such rows are rare
+(logsumexp of log-probabilities is one source) and cost microseconds per element. The
+recomputation follows each value's ``origin`` back to the input rows; values built
+otherwise (attention's logits, from ``matmul``) keep the double-double result there.
+
+References
+----------
+.. [1] T. J. Dekker, "A floating-point technique for extending the available
+   precision", Numer. Math. 18 (1971) 224-242. doi:10.1007/BF01397083
+.. [2] T. Ogita, S. M. Rump, S. Oishi, "Accurate sum and dot product", SIAM J. Sci.
+   Comput. 26(6) (2005) 1955-1988. doi:10.1137/030601818
+.. [3] S. M. Rump, T. Ogita, S. Oishi, "Accurate floating-point summation part I:
+   faithful rounding", SIAM J. Sci. Comput. 31(1) (2008) 189-224.
+   doi:10.1137/050645671
+.. [4] P. Blanchard, D. J. Higham, N. J. Higham, "Accurately computing the log-sum-exp
+   and softmax functions", IMA J. Numer. Anal. 41(4) (2021) 2311-2330.
+   doi:10.1093/imanum/draa038
+.. [5] P. T. P. Tang, "Table-driven implementation of the exponential function in IEEE
+   floating-point arithmetic", ACM TOMS 15(2) (1989) 144-157. doi:10.1145/63522.214389
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple
+
+import mpmath
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "DD",
+    "DoubleDouble",
+    "dd_add",
+    "dd_mul",
+    "exp_rows",
+    "expm1_precise",
+    "extract_sum",
+    "fast_two_sum",
+    "split",
+    "two_product",
+    "two_sum",
+]
+
+F64 = npt.NDArray[np.float64]
 
 
-class DoubleDouble(Fast):
+class DD(NamedTuple):
+    """A double-double number array: the exact value is ``hi + lo``.
+
+    ``lo`` is None when ``hi`` is exact. ``origin`` records how the value was made
+    (used only to recompute logsumexp rows that cancel; see the module docstring).
+    """
+
+    hi: F64
+    lo: F64 | None = None
+    origin: tuple[Any, ...] | None = None
+
+
+# ---------------------------------------------------------------------------
+# Error-free transformations
+# ---------------------------------------------------------------------------
+
+_SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
+
+
+def two_sum(a: F64, b: F64) -> tuple[F64, F64]:
+    r"""TwoSum: ``s, e`` with :math:`s = \mathrm{fl}(a+b)` and :math:`a + b = s + e` exactly.
+
+    Knuth's six-operation algorithm (Ogita, Rump & Oishi 2005, Alg. 3.1); no condition on
+    the order of magnitudes. Exact whenever ``s`` does not overflow.
+    """
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, e
+
+
+def _two_sum_lean(a: F64, b: F64 | float, scratch: Scratch) -> tuple[F64, F64]:
+    """:func:`two_sum` with one scratch temporary and the result arrays only."""
+    shape = a.shape if np.shape(b) == a.shape else np.broadcast_shapes(a.shape, np.shape(b))
+    s = np.add(a, b, out=scratch.fresh(shape))
+    bb = np.subtract(s, a, out=scratch.get("twosum.bb", shape))
+    e = np.subtract(s, bb, out=scratch.fresh(shape))
+    np.subtract(a, e, out=e)
+    np.subtract(b, bb, out=bb)
+    e += bb
+    return s, e
+
+
+def fast_two_sum(a: F64, b: F64) -> tuple[F64, F64]:
+    r"""Fast2Sum (Dekker 1971): as :func:`two_sum`, valid when :math:`|a| \ge |b|` (or a = 0)."""
+    s = a + b
+    e = (a - s) + b
+    return s, e
+
+
+def split(a: F64) -> tuple[F64, F64]:
+    r"""Veltkamp's splitting: :math:`a = a_1 + a_2`, each half with at most 26 significant bits.
+
+    Exact for :math:`|a| < 2^{995}` (so that :math:`(2^{27}+1)a` does not overflow).
+    """
+    c = _SPLITTER * a
+    a1 = c - (c - a)
+    return a1, a - a1
+
+
+def two_product(a: F64, b: F64) -> tuple[F64, F64]:
+    r"""TwoProduct (Dekker 1971): ``p, e`` with :math:`p = \mathrm{fl}(ab)` and :math:`ab = p + e`.
+
+    Exact when :math:`|a|, |b| < 2^{995}` and :math:`e` does not underflow (the exponents
+    of :math:`a` and :math:`b` sum to at least :math:`-1022 + 53`); otherwise the error
+    of :math:`p + e` is at most a few subnormal ulps.
+    """
+    p = a * b
+    a1, a2 = split(a)
+    b1, b2 = split(b)
+    e = ((a1 * b1 - p) + a1 * b2 + a2 * b1) + a2 * b2
+    return p, e
+
+
+def _lo(x: DD) -> F64 | float:
+    return 0.0 if x.lo is None else x.lo
+
+
+def dd_add(a: DD, b: DD) -> DD:
+    r"""Double-double addition; both parts are added by TwoSum ("accurate" addition).
+
+    Exact (one TwoSum) when both operands are exact float64 values. Otherwise the high
+    parts and the low parts are each added by TwoSum and the pieces renormalized by
+    Fast2Sum; the error, from two roundings of terms of size :math:`u|a+b|` and of the
+    low parts' error term, is at most about :math:`4u^2|a + b| + 2u^2(|a_{lo}| + |b_{lo}|)`
+    (Dekker 1971's add2 with a second TwoSum), so cancelling high parts cost no relative
+    accuracy (used per row, in ``log1p``). An infinite ``hi`` (-inf inputs, or an
+    overflowing sum) gives ``lo = 0``.
+    """
+    # inf - inf in the error terms of an infinite sum (-inf entries, or x - a
+    # overflowing at +-1e308) is NaN: such entries are repaired by _repair.
+    with np.errstate(invalid="ignore", over="ignore"):
+        s, e = two_sum(a.hi, b.hi)
+        if a.lo is None and b.lo is None:
+            return DD(*_repair(s, e, a, b))
+        t, f = two_sum(np.asarray(_lo(a), dtype=np.float64), np.asarray(_lo(b), np.float64))
+        e += t
+        s, e = fast_two_sum(s, e)
+        e += f
+        hi, lo = fast_two_sum(s, e)
+    return DD(*_repair(hi, lo, a, b))
+
+
+def _repair(hi: F64, lo: F64, a: DD, b: DD) -> tuple[F64, F64]:
+    """Where the error terms came out NaN (an infinite sum), ``hi = a + b`` and ``lo = 0``.
+
+    One reduction decides whether there is anything to repair (inputs hold no NaN: the
+    definition has replaced NaN rows before any arithmetic).
+    """
+    if not np.isnan(np.add.reduce(lo, axis=None)):
+        return hi, lo
+    bad = np.isnan(lo)
+    with np.errstate(invalid="ignore", over="ignore"):  # the same infinite sums again
+        plain = np.broadcast_to(a.hi + b.hi, bad.shape)
+    hi = np.where(bad, plain, hi)
+    lo = np.where(bad, 0.0, lo)
+    return hi, lo
+
+
+def dd_add_sloppy(a: DD, b: DD, scratch: Scratch | None = None) -> DD:
+    r"""Double-double addition with one TwoSum: :math:`(s, e) = \mathrm{TwoSum}(a_{hi}, b_{hi})`,
+    ``lo`` :math:`= e + a_{lo} + b_{lo}` (not renormalized: :math:`|lo| \le 3u|hi|`).
+
+    Error at most :math:`4u^2(|a| + |b|)` (two roundings of the low parts); relative to
+    the result that is :math:`4u^2` when the operands have one sign (``d - log(1+s')``,
+    ``1 + s'``), and exact when both operands are float64 values.
+    """
+    # inf - inf in the error term of an infinite sum (-inf entries, or x - a
+    # overflowing at +-1e308) is NaN: such entries are repaired by _repair.
+    with np.errstate(invalid="ignore", over="ignore"):
+        if scratch is None:
+            s, e = two_sum(a.hi, b.hi)
+        else:
+            s, e = _two_sum_lean(a.hi, b.hi, scratch)
+    if a.lo is not None:
+        e += a.lo
+    if b.lo is not None:
+        e += b.lo
+    return DD(*_repair(s, e, a, b))
+
+
+def _neg(a: DD) -> DD:
+    return DD(-a.hi, None if a.lo is None else -a.lo)
+
+
+def dd_mul(a: DD, b: DD) -> DD:
+    r"""Double-double product: :math:`p + e + a_{hi}b_{lo} + a_{lo}b_{hi}`, renormalized.
+
+    Relative error at most about :math:`5u^2` (the dropped :math:`a_{lo}b_{lo}` and three
+    roundings of terms of size :math:`u`), within the range of :func:`two_product`.
+    """
+    p, e = two_product(a.hi, b.hi)
+    lo = e + (a.hi * _lo(b) + _lo(a) * b.hi)
+    hi, lo = fast_two_sum(p, lo)
+    return DD(hi, lo)
+
+
+# ---------------------------------------------------------------------------
+# The exponential
+# ---------------------------------------------------------------------------
+
+
+def _parts(c: Any, bits: int) -> tuple[float, ...]:
+    """``c`` as float64 parts; every part but the last has ``bits`` significant bits."""
+    out: list[float] = []
+    rest = mpmath.mpf(c)
+    while len(out) < 3:
+        if rest == 0:
+            out.append(0.0)
+            continue
+        e = int(mpmath.floor(mpmath.log(abs(rest), 2)))
+        q = mpmath.nint(rest * mpmath.mpf(2) ** (bits - 1 - e)) * mpmath.mpf(2) ** (e - bits + 1)
+        part = float(q) if len(out) < 2 else float(rest)
+        out.append(part)
+        rest -= mpmath.mpf(part)
+    return tuple(out)
+
+
+with mpmath.workdps(60):
+    # ln2/1024 in parts of 32 significant bits: N * C1 and N * C2 are exact for
+    # |N| < 2**21 (every reduction here has |N| <= 746 * 1024 / ln 2 < 2**20.1).
+    _C1, _C2, _C3 = _parts(mpmath.ln(2) / 1024, 32)
+    # C2_ROUNDED: ln2/1024 - C1 rounded to float64 (the bulk exponential's second part).
+    _C2_ROUNDED = float(mpmath.ln(2) / 1024 - mpmath.mpf(_C1))
+    _INV_C = float(1024 / mpmath.ln(2))
+    # 2**(j/1024) = TH[j] + TL[j] to about 2**-107 relative (mpmath at 60 digits).
+    _T = [mpmath.mpf(2) ** (mpmath.mpf(j) / 1024) for j in range(1024)]
+    _TH = np.array([float(t) for t in _T])
+    _TL = np.array([float(t - mpmath.mpf(float(t))) for t in _T])
+    # 1/k! as double-doubles, k = 0..12, for the precise expm1 series.
+    _FACT_HI = [float(1 / mpmath.factorial(k)) for k in range(13)]
+    _FACT_LO = [float(1 / mpmath.factorial(k) - mpmath.mpf(f)) for k, f in enumerate(_FACT_HI)]
+del _T
+
+# The bulk exponential's polynomial: expm1(r) = r + r^2 (1/2 + r/6 + r^2/24 + r^3/120) + O(r^6).
+_P5, _P4, _P3 = 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0
+# e**x rounds to 0 below this (e**-745.2 < 2**-1075): every input below is treated alike.
+_EXP_MIN = -746.0
+_EXP_MAX = 710.0  # e**710 overflows float64
+_LN2 = 0.6931471805599453
+
+
+def exp_rows(
+    hi: F64, lo: F64 | None, scratch: Scratch | None = None, lift: int = 0
+) -> tuple[F64, F64]:
+    r"""``exp(hi + lo)`` (times :math:`2^{lift}`) as a double-double, relative error below
+    :math:`2^{-62.3}`.
+
+    The high part is returned split to 26 significant bits (Veltkamp; the rest joins
+    the low part, :math:`|lo| \le 2^{-25}hi`), so that :meth:`DoubleDouble.div` can
+    multiply it exactly. ``lift > 0`` returns :math:`2^{lift} e^{h+\ell}` with arguments down to
+    :math:`-746 - lift \ln 2` kept, so that terms below the underflow threshold can be
+    summed without rounding each to the subnormal grid (see ``sum_except``).
+
+    Tang's table-driven reduction [5]: :math:`N = \mathrm{rint}(h \cdot 1024/\ln 2)`,
+    :math:`N = 1024m + j` with :math:`0 \le j < 1024`, :math:`r = h - N C + \ell` where
+    :math:`C = \ln 2 / 1024 = C_1 + C_2`, and
+
+    .. math::
+
+        e^{h+\ell} = 2^m \, 2^{j/1024} \, e^{r}, \qquad |r| \le \tfrac{\ln 2}{2048}
+        + |\ell| < 2^{-11.4}.
+
+    :math:`h - N C_1` is exact (:math:`C_1` has 32 bits, :math:`|N| < 2^{21}`, and the
+    difference is exact by Sterbenz's lemma); :math:`r = \mathrm{fl}(\mathrm{fl}(h - NC_1
+    - NC_2) + \ell)` costs two roundings of a number below :math:`2^{-11.4}` and the
+    error of :math:`NC_2` (:math:`2^{-75}`): :math:`\le 2^{-64.4}` absolute, which is the
+    relative error it causes in :math:`e^r`. Then :math:`e^r = 1 + r + p` with
+    :math:`p = r^2(1/2 + r/6 + r^2/24 + r^3/120)` (truncation :math:`|r|^6/720 < 2^{-78}`,
+    roundings :math:`< 2^{-75}`), and with :math:`2^{j/1024} = T_h + T_l` (mpmath at 60
+    digits)
+
+    .. math::
+
+        T e^r \approx T_h + \mathrm{fl}(T_h r) + (T_l + T_h p),
+
+    the first two joined by Fast2Sum. The dropped :math:`T_l r` is below
+    :math:`2^{-64.4}` and the rounding of :math:`T_h r_{hi}` below :math:`2^{-63.5}`
+    (relative to :math:`T e^r \ge 0.99`): in all :math:`< 2^{-62.3}`. The scaling by
+    :math:`2^m` is exact unless the result is subnormal, where ``hi`` is rounded once to
+    the subnormal grid and ``lo`` underflows: in all the error is at most
+    :math:`2^{-62.3}e^{h+\ell} + 2^{-1075}` (the second term matters below
+    :math:`2^{-969}`, where ``lo`` is subnormal).
+    ``hi = -inf`` gives exactly 0; arguments below -746 give 0 (the exact value is below
+    half the smallest subnormal).
+    """
+    ws = Scratch() if scratch is None else scratch
+    shape = hi.shape
+    low, high = (float(np.min(hi)), float(np.max(hi))) if hi.size else (0.0, 0.0)
+    h = hi
+    emin = _EXP_MIN - lift * _LN2  # e**emin * 2**lift is below half the smallest subnormal
+    if low < emin or high > _EXP_MAX:  # -inf, deep underflow, overflow
+        h = np.clip(hi, emin, _EXP_MAX, out=ws.get("exp.h", shape))
+        if lo is not None:  # a clipped argument's low part (up to 1e284) is irrelevant
+            lo = np.where(h == hi, lo, 0.0)
+    n = np.multiply(h, _INV_C, out=ws.get("exp.n", shape))
+    np.rint(n, out=n)
+    r = np.multiply(n, _C1, out=ws.get("exp.r", shape))
+    np.subtract(h, r, out=r)  # exact
+    p = np.multiply(n, _C2_ROUNDED, out=ws.get("exp.p", shape))
+    r -= p
+    if lo is not None:
+        r += lo
+    ni = ws.get("exp.ni", shape, np.int64)
+    ni[...] = n  # |n| < 2**21: exact conversion
+    j = np.bitwise_and(ni, 1023, out=ws.get("exp.j", shape, np.int64))
+    th = np.take(_TH, j, out=ws.get("exp.th", shape))
+    tl = np.take(_TL, j, out=ws.get("exp.tl", shape))
+    np.right_shift(ni, 10, out=ni)  # m
+    np.multiply(r, _P5, out=p)
+    p += _P4
+    p *= r
+    p += _P3
+    p *= r
+    p += 0.5
+    q = np.multiply(r, r, out=ws.get("exp.q", shape))
+    p *= q
+    np.multiply(th, r, out=q)
+    out_hi = np.add(th, q, out=ws.fresh(shape))
+    out_lo = np.subtract(th, out_hi, out=ws.fresh(shape))
+    out_lo += q
+    p *= th
+    p += tl
+    out_lo += p
+    # Veltkamp split of hi to 26 significant bits, the rest moved to lo (exact; now
+    # |lo| <= 2**-25 hi): div then multiplies hi by a 26-bit divisor part exactly.
+    c = np.multiply(out_hi, _SPLITTER, out=ws.get("exp.c", shape))
+    np.subtract(c, out_hi, out=q)
+    np.subtract(c, q, out=c)  # the high half
+    np.subtract(out_hi, c, out=q)
+    out_lo += q
+    np.copyto(out_hi, c)
+    if lift == 0 and -669.0 < low and high < 706.0:
+        # 2**m is a normal number (|m| <= 1019), built from its bits, and the results
+        # are above 2**-965, so that hi * 2**m and lo * 2**m (|lo| < 2**-24 hi, not
+        # renormalized) are both exact.
+        ni += 1023
+        ni <<= 52
+        scale = ni.view(np.float64)
+        out_hi *= scale
+        out_lo *= scale
+        return out_hi, out_lo
+    # Results near or below the underflow threshold, or overflowing: ldexp rounds each
+    # part once to the subnormal grid (absolute error below 2**-1075 each; entries whose
+    # hi is subnormal are recomputed at scale by div and sum_except); underflow to 0 and
+    # overflow to inf are the intended values.
+    if lift:
+        ni += lift
+    with np.errstate(under="ignore", over="ignore"):
+        out_hi = np.ldexp(out_hi, ni)
+        out_lo = np.ldexp(out_lo, ni)
+    out_lo[h <= emin] = 0.0
+    out_hi[h <= emin] = 0.0
+    out_lo[np.isinf(out_hi)] = 0.0  # hi overflowed to inf: lo 0, so hi + lo stays inf
+    return out_hi, out_lo
+
+
+class Scratch:
+    """Reusable temporaries, by name and shape: the bulk operations write their
+    intermediate arrays here instead of allocating (fresh allocations of a few hundred
+    KiB cost page faults). Never holds a value that is returned to the caller."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, tuple[int, ...], Any], npt.NDArray[Any]] = {}
+        self._pools: dict[tuple[int, ...], list[F64]] = {}
+
+    def fresh(self, shape: tuple[int, ...]) -> F64:
+        """A float64 array of ``shape`` that nothing else references (safe to return).
+
+        Arrays handed out earlier are reused once every reference to them (and to views
+        of them) is gone: CPython's reference count tells. The pool keeps the values the
+        definition passes between operations in memory that is already mapped.
+        """
+        pool = self._pools.setdefault(shape, [])
+        for arr in pool:
+            # references: the pool's list, this loop's name, getrefcount's argument
+            if sys.getrefcount(arr) == 3:
+                return arr
+        arr = np.empty(shape)
+        pool.append(arr)
+        return arr
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> Any:
+        key = (name, shape, dtype)
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._arrays[key] = np.empty(shape, dtype=dtype)
+        return arr
+
+
+def expm1_precise(y: F64) -> DD:
+    r"""``expm1(y)`` for float64 :math:`0 \le y \le 700` as a double-double, relative error
+    :math:`\le 2^{-88}`.
+
+    Used on one value per row (the Newton step of ``log1p``). Reduction as in
+    :func:`exp_rows` with three parts of :math:`\ln 2/1024` (:math:`NC_1`, :math:`NC_2`
+    exact, :math:`NC_3` rounded: :math:`< 2^{-110}`), then
+    :math:`e^r - 1 = r + r^2/2 + r^3/6 + r^4 \sum_{k=4}^{10} r^{k-4}/k!` with the first
+    three terms in double-double (TwoProduct; :math:`1/6` as a double-double) and the
+    tail, below :math:`2^{-38.8}|r|`, in float64 (a relative error of a few :math:`u`
+    there is :math:`< 2^{-89}` of the result; truncation :math:`< 2^{-120}`), and
+
+    .. math::
+
+        e^y - 1 = (2^m T_h - 1 + 2^m T_l) + 2^m T (e^r - 1),
+
+    whose first part is exact by TwoSum and whose parts have one sign unless
+    :math:`N = 0`, where the first part is 0: no cancellation, so the relative error of
+    the series carries over (tiny :math:`y` keep full relative accuracy).
+    """
+    n = np.rint(y * _INV_C)
+    t = y - n * _C1  # exact (Sterbenz), N * C1 exact
+    u, ue = two_sum(t, -(n * _C2))  # N * C2 exact
+    r = DD(*fast_two_sum(u, ue - n * _C3))
+    ni = n.astype(np.int64)
+    j = ni & 1023
+    m = ni >> 10
+    # e^r - 1 = r + r^2/2 + r^3/6 + r^4 (1/4! + r/5! + ... + r^6/10!): the first three
+    # terms in double-double (TwoProduct), the rest (below 2**-38.8 |r|) in float64.
+    r_h, r_l = r.hi, r.lo
+    assert r_l is not None
+    sq_h, sq_l = two_product(r_h, r_h)
+    sq_l += 2.0 * r_h * r_l
+    c_h, c_l = two_product(sq_h, r_h)
+    c_l += sq_l * r_h + sq_h * r_l
+    t_h, t_l = two_product(c_h, np.full_like(y, _FACT_HI[3]))
+    t_l += c_h * _FACT_LO[3] + c_l * _FACT_HI[3]
+    tail = np.full_like(y, _FACT_HI[10])
+    for k in range(9, 3, -1):
+        tail *= r_h
+        tail += _FACT_HI[k]
+    tail *= sq_h * sq_h
+    s1, e1 = two_sum(r_h, 0.5 * sq_h)
+    s2, e2 = two_sum(s1, t_h)
+    low = e1 + e2 + r_l + 0.5 * sq_l + t_l + tail
+    series = DD(*fast_two_sum(s2, low))
+    t_dd = DD(_TH[j], _TL[j])
+    scale = np.ldexp(1.0, m)
+    b = dd_mul(t_dd, series)
+    b = DD(b.hi * scale, b.lo * scale)  # exact: 2**m with m >= 0
+    a_hi, a_lo = two_sum(_TH[j] * scale, np.full_like(y, -1.0))
+    a = dd_add(DD(a_hi, a_lo), DD(_TL[j] * scale, None))
+    return dd_add(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Summation
+# ---------------------------------------------------------------------------
+
+
+def extract_sum(
+    hi: F64, lo: F64 | None, scratch: Scratch | None = None, overwrite: bool = False
+) -> DD:
+    r"""Sum of nonnegative ``hi + lo`` over the last axis by two error-free extractions.
+
+    With a per-row power of two :math:`\sigma_1 = 2^{M}\,2^{\lceil\log_2 \max_i h_i\rceil}`,
+    :math:`2^M \ge 2(n+2)`, the split :math:`q_i = \mathrm{fl}(\mathrm{fl}(\sigma_1 + h_i) -
+    \sigma_1)`, :math:`h_i' = h_i - q_i` is exact, every :math:`q_i` is a multiple of
+    :math:`u\sigma_1`, and :math:`\sum_i q_i` is computed exactly in any order (Rump, Ogita
+    & Oishi 2008, Lemma 3.3 and Alg. 3.3 ExtractVector); :math:`|h_i'| \le 2u\sigma_1`.
+    A second extraction with :math:`\sigma_2 = 2^{M+1} u\sigma_1` leaves
+    :math:`|h_i''| \le 2^{2M+2}u^2\max_i h_i`, whose float64 sum errs by at most
+    :math:`n u \sum|h''| \le 2^{2M+2} n^2 u^3 \max h`. Rows short enough that one
+    extraction suffices (:math:`n^2 2^{M+2} \le 2^{40}`, about :math:`n \le 5000`: error
+    :math:`n^2 2^{M+2}u^2 \max h \le 2^{-66}\max h`) skip the second. The low parts
+    (:math:`|lo_i| \le 2^{-25} h_i` from :func:`exp_rows`) are summed in float64 for
+    :math:`n \le 4096` (error :math:`n u 2^{-25} s \le 2^{-66} s`) and after one extraction
+    of their own beyond. With :math:`\max h \le s` the relative error is below
+    :math:`2^{-66}` (short rows) and :math:`2^{2M+2}n^2u^3 + 2^{-66}` (long rows). Each row
+    costs five to nine elementwise passes and three to seven reductions. ``hi`` is
+    overwritten when ``overwrite``; the result keeps the last axis (length 1).
+    """
+    ws = Scratch() if scratch is None else scratch
+    n = hi.shape[-1]
+    rest = hi
+    if not overwrite:
+        rest = ws.get("ext.rest", hi.shape)
+        np.copyto(rest, hi)
+    big = np.maximum.reduce(hi, axis=-1, keepdims=True)
+    m = int(n + 2).bit_length() + 1  # 2**m >= 2 (n + 2)
+    # One extraction leaves |h'| <= 2u sigma1, whose float64 sum errs by at most
+    # n^2 2^(m+2) u^2 max h: enough (2**-66) for short rows; longer rows take two.
+    two = n * n * 2.0 ** (m + 2) > 2.0**40
+    t = ws.get("ext.t", hi.shape)
+    taus = _extract(rest, t, big, m, 2 if two else 1)
+    tail = np.add.reduce(rest, axis=-1, keepdims=True)
+    if lo is not None:
+        if n <= 4096:
+            # |lo| <= 2**-25 h (exp_rows' split): the plain sum errs by n u 2**-25 s <= 2**-66 s
+            tail += np.add.reduce(lo, axis=-1, keepdims=True)
+        else:  # one extraction of the low parts too
+            rest_lo = ws.get("ext.rlo", lo.shape)
+            np.copyto(rest_lo, lo)
+            big_lo = np.maximum(
+                np.maximum.reduce(lo, axis=-1, keepdims=True),
+                -np.minimum.reduce(lo, axis=-1, keepdims=True),
+            )
+            taus_lo = _extract(rest_lo, t, big_lo, m, 1)
+            tail += taus_lo[0]
+            tail += np.add.reduce(rest_lo, axis=-1, keepdims=True)
+    s_hi, s_lo = two_sum(taus[0], taus[-1]) if two else (taus[0], np.zeros_like(taus[0]))
+    return dd_add(DD(s_hi, s_lo), DD(tail, None))
+
+
+def _extract(rest: F64, t: F64, big: F64, m: int, levels: int) -> list[F64]:
+    """Extraction levels of ``rest`` in place (see :func:`extract_sum`); the exact sums."""
+    _, ex = np.frexp(big)  # |values| <= big < 2**ex
+    sigma = np.ldexp(1.0, ex + m)
+    taus = []
+    for _ in range(levels):
+        np.add(rest, sigma, out=t)
+        t -= sigma  # q_i, exact
+        rest -= t  # h_i - q_i, exact
+        taus.append(np.add.reduce(t, axis=-1, keepdims=True))  # exact
+        sigma = sigma * 2.0 ** (m + 1 - 53)  # the next level's sigma: 2^(m+1) u sigma
+    return taus
+
+
+# ---------------------------------------------------------------------------
+# The arithmetic
+# ---------------------------------------------------------------------------
+
+
+def _recompute_lse(x_rows: F64, a_rows: F64, k_rows: npt.NDArray[np.intp]) -> tuple[F64, F64]:
+    r"""logsumexp of whole rows in mpmath, precision raised until the rounding is settled.
+
+    :math:`a + \log(1 + \sum_{j \ne k} e^{x_j - a})` at ``dps`` digits has absolute error
+    below :math:`10^{4-\mathrm{dps}}(1 + |a| + \log n)`; the row is accepted when that is
+    below :math:`2^{-56}|r|`, so its float64 rounding is within :math:`1/2 + 1/8` ulp.
+    The value is never exactly 0 for such rows (Lindemann-Weierstrass), so the loop ends.
+    """
+    out_hi = np.empty(len(a_rows))
+    out_lo = np.empty(len(a_rows))
+    for i, (row, a, k) in enumerate(zip(x_rows, a_rows, k_rows, strict=True)):
+        dps = 40
+        while True:
+            with mpmath.workdps(dps):
+                am = mpmath.mpf(float(a))
+                terms = [mpmath.exp(mpmath.mpf(float(v)) - am) for j, v in enumerate(row) if j != k]
+                r = am + mpmath.log1p(mpmath.fsum(terms))
+                bound = mpmath.mpf(10) ** (4 - dps) * (1 + abs(am) + mpmath.log(len(row) + 1))
+                if abs(r) * mpmath.mpf(2) ** -56 > bound or dps > 5000:
+                    out_hi[i] = float(r)
+                    out_lo[i] = float(r - mpmath.mpf(out_hi[i]))
+                    break
+            dps *= 2
+    return out_hi, out_lo
+
+
+_NEAR_UNDERFLOW = 2.0**-969  # below this, lo (about 2**-53 hi) is subnormal
+_LIFT = 600  # 2**600 brings every such product into the normal range, exactly
+
+
+def _round_small_products(a: DD, r_hi: F64, r_lo: F64, hi: F64, lo: F64) -> None:
+    r"""Overwrite ``hi, lo`` where :math:`|a_{hi}| < 2^{-969}` with the product
+    :math:`a \cdot r` rounded once to float64 (``lo = 0``).
+
+    There TwoProduct is not exact (its error term underflows) and a double-double cannot
+    hold the product's low bits. The product is formed exactly at scale :math:`2^{600}`
+    (TwoProduct, then the cross terms), its high part is scaled back with one rounding to
+    the subnormal grid, and the remainder (exact by Sterbenz's lemma) decides whether to
+    step one grid spacing: the result is the correctly rounded product (up to the
+    :math:`2^{-100}` error of the scaled double-double). For softmax this leaves the
+    rounding of :math:`e^{d_j}` itself (at most half a subnormal ulp, divided by
+    :math:`1+s'`) plus this rounding: below one ulp.
+    """
+    sel = np.nonzero(np.abs(a.hi) < _NEAR_UNDERFLOW)
+    if not sel[0].size:
+        return
+    shape = hi.shape
+    a_s = np.ldexp(a.hi[sel], _LIFT)
+    al_s = np.ldexp(np.broadcast_to(_lo(a), shape)[sel], _LIFT)
+    rh = np.broadcast_to(r_hi, shape)[sel]
+    rl = np.broadcast_to(r_lo, shape)[sel]
+    p, e = two_product(a_s, rh)
+    e += a_s * rl + al_s * rh
+    p, e = fast_two_sum(p, e)  # |e| <= ulp(p)/2: the rounding below moves p at most one step
+    # ldexp rounds to the subnormal grid; underflow to 0 is a correct rounding.
+    with np.errstate(under="ignore"):
+        h = np.ldexp(p, -_LIFT)
+        rest = (p - np.ldexp(h, _LIFT)) + e  # p - h * 2**600 is exact
+        grid = np.spacing(np.abs(h))  # the spacing at h (2**-1074 when subnormal)
+        step = np.where(np.abs(rest) > 0.5 * np.ldexp(grid, _LIFT), np.sign(rest) * grid, 0.0)
+        h = h + step
+    hi[sel] = h
+    lo[sel] = 0.0
+
+
+class DoubleDouble:
+    """Double-double numbers (:class:`DD`): results within one ulp of the exact value.
+
+    See the module docstring for the algorithms and the error bound of each operation.
+    """
+
     name = "accurate"
+    #: Blocks of 64 Ki elements (512 KiB per array). Temporaries come from a Scratch
+    #: pool, so no block allocates fresh memory but its results; measured on the
+    #: 2-core dev machine (4096 x 4096), 2**16 was faster than 2**14, 2**15 and 2**17:
+    #: smaller blocks pay the per-row work (log1p, reciprocal) more often, larger ones
+    #: fall out of the 2 MiB L2 cache.
+    chunk_elements = 1 << 16
+
+    def __init__(self) -> None:
+        self._scratch = Scratch()
+
+    def lift(self, x: F64) -> DD:
+        return DD(x, None)
+
+    def add(self, a: DD, b: DD) -> DD:
+        """:func:`dd_add_sloppy`; logsumexp rows that cancel are recomputed (module doc)."""
+        out = dd_add_sloppy(a, b, self._scratch)
+        if b.origin is not None and b.origin[0] == "log1p" and a.lo is None:
+            return self._settle_lse(a, b, out)
+        return out
+
+    def sub(self, a: DD, b: DD) -> DD:
+        """:func:`dd_add_sloppy` of ``a`` and ``-b``: exact for float64 operands."""
+        out = dd_add_sloppy(a, _neg(b), self._scratch)
+        if a.lo is None and b.lo is None:
+            # the shift d = x - a: remember x for the logsumexp recomputation
+            return DD(out.hi, out.lo, ("shift", a.hi, b.hi))
+        return out
+
+    def div(self, a: DD, b: DD) -> DD:
+        r"""``a / b`` as ``a * (1/b)``; :math:`1/b` in double-double by one Newton step.
+
+        :math:`q = \mathrm{fl}(1/b_{hi})`, :math:`\rho = 1 - bq` (exact by TwoProduct and
+        Sterbenz, then :math:`-b_{lo}q`), :math:`1/b \approx q + \rho q`: relative error
+        about :math:`2^{-104}`. The product with ``a`` (:func:`dd_mul`) adds about
+        :math:`5u^2`. For the softmax the divisor is :math:`1 + s' \ge 1`.
+        """
+        q = 1.0 / b.hi
+        p, e = two_product(b.hi, q)
+        rho = ((1.0 - p) - e) - _lo(b) * q
+        r_hi, r_lo = fast_two_sum(q, rho * q)
+        if a.origin is not None and a.origin[0] == "exp":
+            return self._div_split(a, r_hi, r_lo)
+        # a * (r_hi + r_lo): TwoProduct of the high parts (Dekker, written out to reuse
+        # scratch arrays), the cross terms in float64; not renormalized (result() rounds
+        # hi + lo in one addition).
+        ws = self._scratch
+        b1, b2 = split(r_hi)  # one value per row
+        shape = np.broadcast_shapes(a.hi.shape, r_hi.shape)
+        hi = np.multiply(a.hi, r_hi, out=ws.fresh(shape))
+        c = np.multiply(a.hi, _SPLITTER, out=ws.get("div.c", hi.shape))
+        a1 = np.subtract(c, a.hi, out=ws.get("div.a1", hi.shape))
+        np.subtract(c, a1, out=a1)
+        a2 = np.subtract(a.hi, a1, out=c)
+        lo = np.multiply(a1, b1, out=ws.fresh(shape))
+        lo -= hi
+        np.multiply(a1, b2, out=a1)
+        lo += a1
+        t = np.multiply(a2, b1, out=ws.get("div.t", hi.shape))
+        lo += t
+        np.multiply(a2, b2, out=t)
+        lo += t
+        np.multiply(a.hi, r_lo, out=t)
+        lo += t
+        if a.lo is not None:
+            np.multiply(a.lo, r_hi, out=t)
+            lo += t
+        if a.origin is not None and a.origin[0] == "exp":
+            near_underflow = bool(a.origin[2])
+        else:
+            near_underflow = bool(np.any(np.abs(a.hi) < _NEAR_UNDERFLOW))
+        if near_underflow:
+            _round_small_products(a, r_hi, r_lo, hi, lo)
+        return DD(hi, lo)
+
+    def _div_split(self, a: DD, r_hi: F64, r_lo: F64) -> DD:
+        r"""``a * (r_hi + r_lo)`` for ``a`` from :meth:`exp`, whose ``hi`` has 26 bits.
+
+        With :math:`r_{hi} = b_1 + b_2` (Veltkamp, 26-bit :math:`b_1`), the product
+        :math:`a_{hi} b_1` is exact, and :math:`a_{hi}(b_2 + r_{lo}) + a_{lo} r_{hi}` are
+        terms of relative size :math:`2^{-25}` computed with one rounding each: relative
+        error below :math:`2^{-77}` (the dropped :math:`a_{lo} r_{lo}` is :math:`2^{-78}`).
+        Four passes instead of TwoProduct's fifteen.
+        """
+        ws = self._scratch
+        b1, b2 = split(r_hi)  # one value per row
+        rest = b2 + r_lo
+        shape = np.broadcast_shapes(a.hi.shape, r_hi.shape)
+        hi = np.multiply(a.hi, b1, out=ws.fresh(shape))
+        lo = np.multiply(a.hi, rest, out=ws.fresh(shape))
+        t = np.multiply(_lo(a), r_hi, out=ws.get("div.t", shape))
+        lo += t
+        if a.origin is not None and a.origin[2]:  # entries below 2**-969 (see div)
+            _round_small_products(a, r_hi, r_lo, hi, lo)
+        return DD(hi, lo)
+
+    # -- operations used by the attention definition (reference/attention.py) --------
+
+    def mul(self, a: DD, b: DD) -> DD:
+        r"""``a * b``: TwoProduct of the high parts plus the cross terms (:func:`dd_mul`'s
+        bound, about :math:`5u^2` relative). Where the error term is not finite (inf or
+        NaN operands, :math:`|a|` or :math:`|b| \ge 2^{995}`) the plain float64 product is
+        kept with ``lo = 0``; inf * 0 = NaN is the IEEE answer the definition relies on.
+        """
+        # inf * 0, inf - inf and the splitting's overflow for huge operands make NaN
+        # or inf error terms: they are replaced by 0 just below.
+        with np.errstate(invalid="ignore", over="ignore"):
+            p, e = two_product(a.hi, b.hi)
+            if a.lo is not None or b.lo is not None:
+                e = e + (a.hi * _lo(b) + _lo(a) * b.hi)
+        bad = ~np.isfinite(e)
+        if bad.any():
+            e = np.where(bad, 0.0, e)
+        return DD(p, e)
+
+    def tanh(self, a: DD) -> DD:
+        r""":math:`\tanh(h + \ell) = \operatorname{sign}(h)\, t/(t + 2) + \ell(1 - \tanh^2 h)`
+        with :math:`t = \mathrm{expm1}(2|h|)` (:func:`expm1_precise`), relative error
+        about :math:`2^{-88}`; :math:`|h| \ge 40` gives :math:`\pm 1` (the difference is
+        below :math:`2^{-114}`), NaN stays NaN.
+        """
+        h = a.hi
+        mag = np.minimum(np.abs(np.where(np.isnan(h), 0.0, h)), 40.0)
+        t = expm1_precise(2.0 * mag)
+        q = self.div(t, dd_add(t, DD(np.full_like(mag, 2.0), None)))
+        sign = np.where(h < 0, -1.0, 1.0)
+        lo = sign * _lo(q)
+        if a.lo is not None:
+            lo = lo + a.lo * (1.0 - q.hi * q.hi)
+        hi = np.where(np.isnan(h), np.nan, sign * q.hi)
+        return DD(hi, np.where(np.isnan(h), 0.0, lo))
+
+    def matmul(self, a: DD, b: DD) -> DD:
+        """``a @ b``: exact products of float64 matrices (Ozaki scheme,
+        :func:`attnspec.reference.matmul.dot_exact`) or a double-double times a float64
+        matrix (:func:`attnspec.reference.matmul.dot_dd`), each as a double-double."""
+        from attnspec.reference.matmul import dot_dd, dot_exact
+
+        if a.lo is None and b.lo is None:
+            return DD(*dot_exact(a.hi, b.hi))
+        if b.lo is None:
+            return DD(*dot_dd(a.hi, np.broadcast_to(_lo(a), a.hi.shape), b.hi))
+        raise NotImplementedError(
+            "DoubleDouble.matmul: both operands carry low parts (shapes "
+            f"{a.hi.shape} and {b.hi.shape}); only float64 @ float64 and "
+            "double-double @ float64 are implemented"
+        )
+
+    def take(self, a: DD, index: npt.NDArray[np.intp]) -> DD:
+        hi = np.take_along_axis(a.hi, index[..., None], axis=-1)
+        if a.lo is None:
+            return DD(hi, None)
+        lo = np.take_along_axis(np.broadcast_to(a.lo, a.hi.shape), index[..., None], axis=-1)
+        return DD(hi, lo)
+
+    def select(self, cond: npt.NDArray[np.bool_], a: DD, b: DD) -> DD:
+        hi = np.where(cond, a.hi, b.hi)
+        if a.lo is None and b.lo is None:
+            return DD(hi, None)
+        return DD(hi, np.where(cond, _lo(a), _lo(b)))
+
+    def approx(self, a: DD) -> F64:
+        return self.result(a)
+
+    def exp(self, a: DD) -> DD:
+        hi, lo = exp_rows(a.hi, a.lo, self._scratch)
+        # results below 2**-969 (arguments below -669) need care in div
+        near_underflow = bool(a.hi.size) and float(np.min(a.hi)) < -669.0
+        return DD(hi, lo, ("exp", a, near_underflow))
+
+    def log1p(self, a: DD) -> DD:
+        r"""``log(1 + a)`` for :math:`a \ge 0` (one value per row): Newton on expm1.
+
+        :math:`y_0 = \mathrm{fl}(\log1p(a_{hi}))` (numpy, a few ulps), then with
+        :math:`M = \mathrm{expm1}(y_0)` (:func:`expm1_precise`) and
+        :math:`c = (a - M)/(1 + M)`,
+
+        .. math::
+
+            \log(1+a) = y_0 + \log\Bigl(1 + \frac{a - M}{1 + M}\Bigr)
+            \approx y_0 + c - c^2/2,
+
+        where :math:`|c| \lesssim 2^{-51}y_0`, so the dropped :math:`c^3/3` and the
+        rounding of :math:`c` are below :math:`2^{-100}y_0`. The difference
+        :math:`a - M` is formed in double-double (its high parts nearly cancel, exactly by
+        Sterbenz), and the error of :math:`M` (relative :math:`2^{-88}`) is the error of
+        the result. Working on expm1 rather than exp keeps the relative accuracy for tiny
+        :math:`a`, where :math:`\log(1 + a) \approx a` (log_softmax of the max element).
+        """
+        y0 = np.log1p(a.hi)
+        m = expm1_precise(y0)
+        w = dd_add(a, _neg(m))
+        c = w.hi / (1.0 + m.hi)
+        c -= 0.5 * c * c
+        hi, lo = fast_two_sum(y0, c)
+        return DD(hi, lo, ("log1p", a))
+
+    def sum_except(self, a: DD, skip: npt.NDArray[np.intp]) -> DD:
+        r""":func:`extract_sum` of ``a`` with the entry ``skip`` of each row set to 0.
+
+        Terms of ``exp`` below :math:`2^{-969}` were rounded to the subnormal grid one by
+        one; many of them would add up those roundings (log_softmax of the max, and
+        logsumexp, are :math:`\approx s'` when :math:`s'` is tiny). For such blocks the
+        terms are recomputed at scale :math:`2^{600}` (exactly, by ``exp_rows``' lift),
+        summed, and scaled back with one rounding.
+        """
+        terms, lift = a, 0
+        if a.origin is not None and a.origin[0] == "exp" and a.origin[2]:
+            d = a.origin[1]
+            lift = _LIFT
+            terms = DD(*exp_rows(d.hi, d.lo, self._scratch, lift=lift))
+        hi = self._scratch.get("sum.hi", terms.hi.shape)
+        np.copyto(hi, terms.hi)
+        if hi.ndim == 2:
+            hi[np.arange(hi.shape[0]), skip] = 0.0
+        else:
+            np.put_along_axis(hi, skip[..., None], 0.0, axis=-1)
+        s = extract_sum(hi, terms.lo, self._scratch, overwrite=True)
+        if terms.lo is not None:
+            # leave out the low part of the skipped entry too (0 for e^0 = 1 exactly)
+            lo_k = np.take_along_axis(terms.lo, skip[..., None], axis=-1)
+            s = DD(*fast_two_sum(s.hi, s.lo - lo_k))  # type: ignore[operator]
+        if lift:
+            # back to scale 1: hi rounds once (to the subnormal grid if s' is that small)
+            with np.errstate(under="ignore"):
+                s_hi, s_lo = fast_two_sum(s.hi, s.lo)  # type: ignore[arg-type]
+                s = DD(np.ldexp(s_hi, -lift), np.ldexp(s_lo, -lift))
+        return DD(s.hi, s.lo, ("sum", a, skip))
+
+    def result(self, a: DD) -> F64:
+        if a.lo is None:
+            return a.hi
+        return a.hi + a.lo  # one IEEE addition: the correctly rounded value of hi + lo
+
+    def _settle_lse(self, a: DD, log_s: DD, out: DD) -> DD:
+        s = log_s.origin[1] if log_s.origin else None
+        s_hi = np.broadcast_to(s.hi if s is not None else log_s.hi, out.hi.shape)
+        with np.errstate(divide="ignore"):
+            need = (s_hi > 0) & (np.abs(out.hi) < 2.0**-6 * s_hi / (1.0 + s_hi))
+        if not need.any():
+            return out
+        chain = _lse_inputs(log_s)
+        if chain is None:
+            return out
+        x, k = chain
+        rows = np.nonzero(need.reshape(need.shape[0], -1).any(axis=-1))[0]
+        hi, lo = _recompute_lse(x[rows], a.hi.reshape(len(a.hi), -1)[rows, 0], k[rows])
+        out_hi = out.hi.copy()
+        out_lo = out.lo.copy() if out.lo is not None else np.zeros_like(out_hi)
+        out_hi.reshape(len(out_hi), -1)[rows, 0] = hi
+        out_lo.reshape(len(out_lo), -1)[rows, 0] = lo
+        return DD(out_hi, out_lo)
+
+
+def _lse_inputs(log_s: DD) -> tuple[F64, npt.NDArray[np.intp]] | None:
+    """The rows x and max positions k behind ``log1p(sum_except(exp(x - a), k))``."""
+    try:
+        s = log_s.origin[1]  # type: ignore[index]
+        e, k = s.origin[1], s.origin[2]
+        d = e.origin[1]
+        tag, x, _a = d.origin
+    except (TypeError, IndexError, AttributeError):
+        return None
+    if tag != "shift":
+        return None
+    return np.asarray(x), np.asarray(k)
