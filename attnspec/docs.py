@@ -96,8 +96,13 @@ def render(proofs: Mapping[str, Proof] | None = None) -> dict[str, str]:
 def write(root: Path, pages: Mapping[str, str] | None = None) -> list[str]:
     """Write the pages under ``root``; return the relative paths whose content changed.
 
-    ``pages`` is what :func:`render` returned, if the caller has it already.
+    ``pages`` is what :func:`render` returned, if the caller has it already. Also draws
+    the worked example's figures (matplotlib): their bytes depend on the matplotlib and
+    font versions, so :func:`check` compares the page, which holds their numbers.
     """
+    from attnspec import worked_example
+
+    worked_example.render_figures(Path(root) / "docs" / "figures")
     changed = []
     for rel, text in (render() if pages is None else pages).items():
         target = Path(root) / rel
@@ -642,8 +647,147 @@ def _attention_page(prove: Prover) -> str:
     return _topic_page("attention", intro, outro, prove)
 
 
+# --- the conventions page ------------------------------------------------------------------
+# Prose here; the table from spec/conventions.py (its Facts carry their sources).
+
+_CONVENTIONS_INTRO = """# Conventions of the peers
+
+attnspec has one definition of softmax and scaled dot-product attention
+([`reference/attention.py`](../reference/attention.py),
+[`reference/softmax.py`](../reference/softmax.py)). PyTorch, JAX, FlashAttention,
+xFormers and SciPy agree with it on ordinary inputs and disagree at the edges: where the
+causal diagonal sits when there are fewer queries than keys, what a query that may see no
+key returns, whether a NaN behind a mask reaches the output, how a sliding window is
+counted, and in which precision the softmax runs. This page puts them side by side.
+
+The table is data: it is rendered from the presets in
+[`spec/conventions.py`](../spec/conventions.py), one `Fact` per cell, and every cell has
+footnotes naming where the fact comes from:
+
+- **a file of the peer's repository** (`owner/repo path (function)`): read in its source
+  or docstring;
+- **`measured: <library> <version> CPU (tests/test_conventions.py::test_...)`**: observed by
+  running the library; the named test measures it again whenever the library is installed,
+  so a cell that stops being true fails the test suite;
+- **`attnspec: <path>`**: attnspec's own definition, checked against the reference by the
+  same tests;
+- **(unverified)**: a claim nobody here could check; the preset's note says what would
+  settle it.
+
+FlashAttention and xFormers run only on CUDA, so their columns come from their source, as
+do PyTorch's CUDA backends (cuDNN, efficient, CUDA flash); the PyTorch column was measured on
+the math and CPU flash backends. Shape letters: `L` queries, `S` keys, `E` query/key head
+dimension, `Ev` value head dimension, `Hq = G * Hkv` heads, query head `h`, alignment offset
+`o` (0 for top-left, `S - L` for bottom-right).
+
+"""
+
+_CONVENTIONS_OUTRO = """
+## Where they disagree, and what attnspec does
+
+**Causal alignment when `L != S`.** PyTorch (`is_causal`) and JAX put query 0 next to key 0
+(top-left: key `j` visible when `j <= i`); FlashAttention puts the last query next to the
+last key (bottom-right: `j <= i + S - L`), the convention of a KV cache; xFormers offers both
+as separate mask classes. The same call therefore means different masks in different
+libraries, and the error is silent. attnspec refuses to guess: with `causal`, a window or
+ALiBi and `L != S`, `align="top_left"` or `align="bottom_right"` is required, and its absence
+is a `ValueError` that names both.
+
+**A query that may see no key.** PyTorch's SDPA returns 0 when the row is all `-inf` (its
+`_safe_softmax`, since pytorch/pytorch#133882), but the mean of the values when the mask is a
+finite fill such as `finfo.min`; JAX replaces hidden logits by `-0.7 * finfo(float32).max`,
+so it returns the mean of the values and a finite lse near `-2.4e38`; FlashAttention returns
+0 with lse `+inf` (FA2) or `-inf` (FA3, FA4); PyTorch's private CPU flash op returns lse
+`0.0`. attnspec returns output 0 and lse `-inf`: the empty sum is 0 and its logarithm is
+`-inf`, the same rule as `logsumexp` of an empty slice. It is also the only choice under
+which a block of keys that a query cannot see leaves a merge of partial results unchanged:
+merging `(o_1, l_1)` with `(0, -inf)` gives weights `exp(l_1 - l_1) = 1` and
+`exp(-inf) = 0`, whereas a finite or `+inf` lse would give the empty block a weight.
+
+**How a hidden key is removed.** PyTorch adds `-inf` (its cuDNN backend adds a finite
+`-65504`), JAX replaces the logit by a large finite negative number, FlashAttention and
+xFormers use `-inf`. A finite fill is harmless while some key stays visible and changes the
+answer when none does (see above). attnspec removes hidden keys from the sum: their weight
+is exactly 0 by definition, not by underflow.
+
+**NaN behind a mask.** In PyTorch a NaN in a masked-out key or value makes the whole query
+row NaN (pytorch/pytorch#101967, still so in 2.13); JAX blocks a NaN key (the logit is
+replaced) but not a NaN value (`0 * NaN = NaN` in the weighted sum). attnspec blocks both:
+whatever sits at a hidden position never enters the output. A conformance check of a peer
+should therefore test NaN blocking only where the peer's preset promises it.
+
+**Sliding windows.** JAX's `local_window_size=(left, right)` is top-left,
+`i - left <= j <= i + right`; FlashAttention's `window_size=(left, right)` and xFormers'
+`LocalAttentionFromBottomRightMask` are bottom-right, `i + o - left <= j <= i + o + right`
+with `o = S - L`. "Unbounded" is `-1` in FA2 and FA3 and `None` in FA4; xFormers' causal local
+masks take a single `window_size` that counts the diagonal (left = `window_size - 1`).
+attnspec uses `(left, right)` with `None` for an unbounded side, aligned by the same `align=`
+as `causal`.
+
+**Precision.** JAX computes the softmax of `dot_product_attention` in float32 even for float64
+inputs (measured: errors near `1e-7`); PyTorch's math backend upcasts float16 and bfloat16 to
+float32; FlashAttention keeps scores and softmax in float32 accumulators. attnspec evaluates in
+float64 (`precision="accurate"` within about one ulp) or in mpmath (`attnspec.exact`).
+
+**Softmax of special slices.** For an all `-inf` slice PyTorch, JAX and SciPy return NaN (SciPy
+also warns), while attnspec returns softmax 0, log_softmax `-inf` and logsumexp `-inf`, the
+same as for an empty or fully excluded slice (JAX agrees when the slice is excluded with
+`where=`). For `+inf` entries the peers return NaN; attnspec returns the limit, weight `1/k` on
+each of the `k` infinite entries. On an empty axis SciPy's `softmax` raises while the others
+return an empty array; every `logsumexp` returns `-inf`. SciPy's default `axis` is `None`
+(the whole array), PyTorch requires `dim`, JAX and attnspec use the last axis.
+
+**Where they agree.** The default scale is `1/sqrt(E)` everywhere (FlashAttention's
+references use `1/sqrt(E + Ev)` when an extra `qv` term is given); in grouped-query attention
+query head `h` reads kv head `h // G` everywhere; an lse, where one is returned, is the natural
+logarithm of the normaliser of the scaled logits (JAX returns it as `(B, L, Hq)`,
+FlashAttention and xFormers as `(B, Hq, L)`). JAX, and FA2 by its documented shapes, require
+the value head dimension to equal the key's.
+
+## What is not verified
+
+FlashAttention's handling of a NaN value behind a zero weight and what FlashAttention and
+xFormers do with empty sequences; xFormers' fully hidden rows,
+lse, NaN handling, accumulation precision and tensor-bias dtypes; and everything PyTorch does
+on its CUDA backends (for instance whether the cuDNN backend's finite `-65504` fill really
+returns a nearly unmasked row) need a GPU run. These cells say "(unverified)" or cite source
+only.
+
+## How this page is made
+
+`attnspec docs` writes this page: the prose from `attnspec/docs.py`, and the section between
+the `GENERATED` markers from `spec.conventions.markdown_table()`. `attnspec docs --check` and
+`tests/test_conventions.py::test_docs_table_is_generated_from_the_presets` fail when the page
+and the presets differ. To change a cell, change the `Fact` in `spec/conventions.py` (with its
+source, and with a test in `tests/test_conventions.py` if it is measured), then run
+`attnspec docs`.
+"""
+
+
+def _conventions_page(prove: Prover) -> str:
+    from attnspec.spec.conventions import markdown_table
+
+    del prove  # no claims on this page
+    return (
+        _CONVENTIONS_INTRO
+        + "<!-- BEGIN GENERATED: spec.conventions.markdown_table() -->\n"
+        + markdown_table()
+        + "<!-- END GENERATED -->\n"
+        + _CONVENTIONS_OUTRO
+    )
+
+
+def _worked_example_page(prove: Prover) -> str:
+    from attnspec import worked_example
+
+    del prove  # no claims on this page
+    return worked_example.render_markdown()
+
+
 #: every generated page, in the order written: relative path and builder
 _PAGES: tuple[tuple[str, PageBuilder], ...] = (
     ("docs/softmax.md", _softmax_page),
     ("docs/attention.md", _attention_page),
+    ("docs/conventions.md", _conventions_page),
+    ("docs/worked-example.md", _worked_example_page),
 )
