@@ -62,7 +62,8 @@ def _derivation_lines() -> list[Line]:
 def _battery_lines(profile: str) -> list[Line]:
     from hypothesis import settings
 
-    from attnspec.spec.battery import run_battery
+    from attnspec.spec.attention_properties import attnspec_impl
+    from attnspec.spec.battery import run_attention_battery, run_battery
     from attnspec.spec.profiles import load_profile
     from attnspec.spec.properties import attnspec_family
 
@@ -70,10 +71,13 @@ def _battery_lines(profile: str) -> list[Line]:
     lines = []
     for precision in ("accurate", "fast"):
         family = attnspec_family(precision)
-        for result in run_battery(family, settings()):
+        results = [(family.name, r) for r in run_battery(family, settings())]
+        impl = attnspec_impl(precision)
+        results += [(impl.name, r) for r in run_attention_battery(impl, settings())]
+        for name, result in results:
             lines.append(
                 Line(
-                    f"{family.name}: {result.name}",
+                    f"{name}: {result.name}",
                     result.description,
                     result.passed,
                     result.seconds,

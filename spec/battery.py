@@ -1,9 +1,11 @@
-"""The property battery of the softmax family, as data, and a runner.
+"""The property batteries of the softmax family and of attention, as data, and runners.
 
-:data:`BATTERY` lists the checks; :func:`run_battery` runs each one under Hypothesis
-against a :class:`~attnspec.spec.properties.SoftmaxFamily` with the active (or given)
-settings profile and returns one :class:`CheckResult` per check, for ``attnspec verify``
-to print one line each.
+:data:`BATTERY` lists the softmax checks; :func:`run_battery` runs each one under
+Hypothesis against a :class:`~attnspec.spec.properties.SoftmaxFamily` with the active (or
+given) settings profile and returns one :class:`CheckResult` per check, for ``attnspec
+verify`` to print one line each. :data:`ATTENTION_BATTERY` and
+:func:`run_attention_battery` do the same for an
+:class:`~attnspec.spec.attention_properties.AttentionImpl`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from hypothesis import strategies as st
 from attnspec.spec import properties as props
 from attnspec.spec.strategies import SoftmaxCase, softmax_cases
 
-__all__ = ["BATTERY", "Check", "CheckResult", "run_battery"]
+__all__ = [
+    "ATTENTION_BATTERY",
+    "BATTERY",
+    "AttentionCheck",
+    "Check",
+    "CheckResult",
+    "run_attention_battery",
+    "run_battery",
+]
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,186 @@ def run_battery(
         try:
             run()
         except AssertionError as exc:  # PropertyViolation, shrunk
+            results.append(
+                CheckResult(
+                    check.name,
+                    check.description,
+                    False,
+                    count[0],
+                    time.perf_counter() - t0,
+                    str(exc),
+                )
+            )
+            continue
+        except Exception as exc:  # the implementation raised: a failure too
+            results.append(
+                CheckResult(
+                    check.name,
+                    check.description,
+                    False,
+                    count[0],
+                    time.perf_counter() - t0,
+                    f"{type(exc).__name__}: {exc}",
+                )
+            )
+            continue
+        results.append(
+            CheckResult(check.name, check.description, True, count[0], time.perf_counter() - t0)
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionCheck:
+    """One named attention check: a property of
+    :mod:`attnspec.spec.attention_properties`, the features it needs, and how many
+    examples at most (None: the profile's)."""
+
+    name: str
+    description: str
+    prop: Callable[..., None]
+    needs: frozenset[str] = frozenset()
+    max_examples: int | None = None
+    max_side: int = 4
+
+
+def _attention_checks() -> list[AttentionCheck]:
+    from attnspec.spec import attention_properties as ap
+
+    def c(
+        name: str, text: str, needs: tuple[str, ...] = (), n: int | None = 25, side: int = 4
+    ) -> AttentionCheck:
+        return AttentionCheck(name, text, ap.PROPERTIES[name], frozenset(needs), n, side)
+
+    return [
+        c("weights_convex", "rows of P sum to 1; outputs within the visible values' range"),
+        c("empty_rows", "a row that sees nothing: output exactly 0, lse -inf (sigma with a sink)"),
+        c("query_permutation", "permuting queries permutes outputs and lse"),
+        c("key_value_permutation", "permuting keys and values together changes nothing"),
+        c("key_shift", "K + 1 u^T: same output, lse + tau q.u (bound: the logit perturbation)"),
+        c("value_affine", "V + 1 c^T -> O + 1 c^T and V W -> O W"),
+        c("scale_zero", "scale 0: the mean of the visible values, lse log n"),
+        c("default_scale", "no scale = scale 1/sqrt(E)"),
+        c("causal_prefix", "causal: the first t outputs = attention over the first t", ("causal",)),
+        c("kv_cache", "bottom-right decoding = the last rows of causal attention", ("causal",)),
+        c("alignments", "top_left = bottom_right = no align when L = S"),
+        c("hidden_key", "mask False = bias -inf = key removed", ("mask",)),
+        c("gqa_repeat", "GQA = kv heads repeated (h -> h // G)", ("gqa",)),
+        c("sink_as_key", "a sink = an extra key with logit sigma and value 0", ("sinks", "mask")),
+        c("alibi_causal", "causal ALiBi = bias m j (lse - m(i + o))", ("alibi", "causal", "mask")),
+        c(
+            "softcap_range",
+            "softcap: lse in [log n - c, log n + c], weight ratios <= e^2c",
+            ("softcap",),
+        ),
+        c(
+            "dropout",
+            "keep-mask: all True & p = 0 is none; P kappa/(1-p); expectation",
+            ("dropout",),
+            n=15,
+        ),
+        c("split_merge", "attention over two key blocks merged by their lse", ("mask", "lse")),
+        c("lse_bounds", "max s <= lse <= max s + log n", ("lse",)),
+        c("hidden_values", "NaN/inf at hidden positions never reach the output (bitwise)"),
+        c(
+            "agreement",
+            "within the claimed bound of attnspec.exact at 50 digits (mpmath is slow: at most "
+            "15 examples, L, S <= 3)",
+            n=15,
+            side=3,
+        ),
+    ]
+
+
+#: the attention checks, in the order of the claims of spec/derivations/attention.py;
+#: Hypothesis, at most 25 examples each (L, S <= 4): the whole battery must run in well
+#: under 30 s per precision with the ci profile on 2 cores
+ATTENTION_BATTERY: list[AttentionCheck] = _attention_checks()
+
+
+def _attention_call(check: AttentionCheck, impl: Any, case: Any) -> None:
+    from attnspec.spec import attention_properties as ap
+
+    if check.prop is ap.check_hidden_values:
+        # keys hidden only by a bias of -inf are left out: see the report of helper H
+        check.prop(impl, case, through_bias=False)
+    else:
+        check.prop(impl, case)
+
+
+def _build_attention(
+    check: AttentionCheck, impl: Any, base: settings, n: int
+) -> tuple[Callable[[], None], list[int]]:
+    """The @given test of ``check`` on ``impl`` and its example counter."""
+    from attnspec.spec.attention_strategies import attention_cases
+
+    count = [0]
+
+    @settings(
+        base,
+        max_examples=n,
+        database=None,
+        report_multiple_bugs=False,
+        suppress_health_check=[
+            *base.suppress_health_check,
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+        ],
+    )
+    @given(attention_cases(features=impl.features, max_side=check.max_side))
+    def run(case: Any) -> None:
+        count[0] += 1
+        _attention_call(check, impl, case)
+
+    return run, count
+
+
+def run_attention_battery(
+    impl: Any,
+    profile_settings: settings | None = None,
+    checks: list[AttentionCheck] | None = None,
+) -> list[CheckResult]:
+    """Run ``checks`` (default :data:`ATTENTION_BATTERY`) on an
+    :class:`~attnspec.spec.attention_properties.AttentionImpl`; one result per check.
+
+    Cases come from :func:`attnspec.spec.attention_strategies.attention_cases` restricted
+    to the implementation's features; a check whose features the implementation lacks is
+    reported as not applicable. ``profile_settings`` (default: the active profile) sets
+    the examples per check, capped by the check's own ``max_examples``.
+    """
+    base = profile_settings if profile_settings is not None else settings()
+    results = []
+    for check in checks if checks is not None else ATTENTION_BATTERY:
+        missing = check.needs - set(impl.features)
+        if missing:
+            results.append(
+                CheckResult(
+                    check.name,
+                    check.description,
+                    True,
+                    0,
+                    0.0,
+                    f"not applicable: needs {sorted(missing)}",
+                    applicable=False,
+                )
+            )
+            continue
+        n = (
+            base.max_examples
+            if check.max_examples is None
+            else min(base.max_examples, check.max_examples)
+        )
+        run, count = _build_attention(check, impl, base, n)
+        t0 = time.perf_counter()
+        try:
+            run()
+        except AssertionError as exc:
             results.append(
                 CheckResult(
                     check.name,
