@@ -297,20 +297,36 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
     if not needs and align is not None:
         alignment_offset(n_q, n_k, align, needed_by="align")  # validates the name
 
+    # Query head h reads key/value head h // G (G = Hq / Hkv): repeat each kv head G
+    # times, once for all blocks. K and V are small next to the (L, S) logits.
+    if hq != hkv:
+        k64 = np.repeat(k64, hq // hkv, axis=-3)
+        v64 = np.repeat(v64, hq // hkv, axis=-3)
+
     # Each query row is independent: evaluate blocks of rows so that the (L, S) logits
-    # and the arithmetic's temporaries stay within a bounded workspace.
+    # and the arithmetic's temporaries stay within a bounded workspace; each block's
+    # results are written into the output (allocated with the first block's dtype).
+    finite_values = bool(np.isfinite(v64).all())  # decided once for all blocks
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(logits_shape[:-2])) * n_k))
-    outs, lses = [], []
-    for start in range(0, max(n_q, 1), rows_per_block):
+    starts = range(0, max(n_q, 1), rows_per_block)
+    out: Any = None
+    lse: Any = None
+    for start in starts:
         stop = min(n_q, start + rows_per_block)
         seen = visible(n_q, n_k, causal=bool(causal), window=win, offset=offset, rows=(start, stop))
         block_mask = _query_rows(mask, start, stop)
         if block_mask is not None:
             seen = block_mask if seen is None else (block_mask & seen)
+        block_bias = _query_rows(bias, start, stop)
+        if block_bias is not None and np.any(block_bias == -np.inf):
+            # A bias of -inf hides its key, like the mask: whatever the logit holds
+            # (NaN + -inf would be NaN) never reaches the row.
+            shown = block_bias != -np.inf
+            seen = shown if seen is None else (seen & shown)
         block = Block(
             tau=tau,
             softcap=softcap,
-            bias=_query_rows(bias, start, stop),
+            bias=block_bias,
             slopes=slopes,
             distance=None
             if slopes is None
@@ -319,19 +335,29 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
             sinks=sinks,
             keep=_query_rows(keep, start, stop),
             dropout_p=dropout_p,
+            finite_values=finite_values,
         )
         o_block, lse_block = _forward(arith, q64[..., start:stop, :], k64, v64, block)
-        outs.append(o_block)
-        lses.append(lse_block)
-    out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-2)
-    lse = lses[0] if len(lses) == 1 else np.concatenate(lses, axis=-1)
+        if len(starts) == 1:
+            out, lse = o_block, lse_block
+            break
+        if out is None:
+            out = np.empty((*o_block.shape[:-2], n_q, o_block.shape[-1]), dtype=o_block.dtype)
+            lse = np.empty((*lse_block.shape[:-1], n_q), dtype=lse_block.dtype)
+        out[..., start:stop, :] = o_block
+        lse[..., start:stop] = lse_block
     if two_d:
         out, lse = out[0], lse[0]
     return (out, lse) if kw["return_lse"] else out
 
 
-#: elements of the (..., L, S) logits evaluated at once (32 MiB of float64)
-_BLOCK_ELEMENTS = 1 << 22
+#: elements of the (..., L, S) logits evaluated at once (8 MiB of float64). Measured on
+#: the 2-core dev machine at (B, H, L, S, E) = (1, 8, 1024, 1024, 64): 2**20 was the
+#: fastest of 2**17 ... 2**22 for both arithmetics (fast 0.10 s against 0.12 s at 2**22;
+#: accurate 1.6-1.9 s against 3.6 s): larger blocks fall out of the caches (the
+#: accurate exponential's table lookups most of all), smaller ones pay the per-block
+#: work (visibility, the Ozaki products' slicing) more often.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -347,6 +373,7 @@ class Block:
     sinks: F64 | None
     keep: Bool | None
     dropout_p: float
+    finite_values: bool  # v holds no inf or NaN
 
 
 def _query_rows(a: npt.NDArray[Any] | None, start: int, stop: int) -> npt.NDArray[Any] | None:
@@ -360,12 +387,8 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     """Steps 1-8 of the definition, for one block of queries."""
     tau, softcap, bias, slopes = blk.tau, blk.softcap, blk.bias, blk.slopes
     seen, sinks, keep, dropout_p = blk.seen, blk.sinks, blk.keep, blk.dropout_p
-    hq, n_q = q.shape[-3], q.shape[-2]
-    hkv, n_k = k.shape[-3], k.shape[-2]
-    # Query head h reads key/value head h // G (G = Hq / Hkv): repeat each kv head G
-    # times. K and V are small next to the (L, S) logits, so the copy is cheap.
-    k = np.repeat(k, hq // hkv, axis=-3)
-    v = np.repeat(v, hq // hkv, axis=-3)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    # k and v have one head per query head here (the kv heads were repeated by _sdpa).
     if sinks is not None:
         # A sink is a key with logit sigma_h and value 0: key number S.
         k = np.concatenate([k, np.zeros((*k.shape[:-2], 1, k.shape[-1]))], axis=-2)
@@ -407,7 +430,7 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
             arith.sub(arith.lift(np.float64(1.0)), arith.lift(np.float64(dropout_p))),
         )
     # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
-    out = _weighted_values(arith, p, approx, keep, v)
+    out = _weighted_values(arith, p, approx, keep, v, blk.finite_values)
     return arith.result(out), arith.result(weights["lse"])[..., 0]
 
 
@@ -427,7 +450,9 @@ def _with_sink_column(pattern: Bool | None, n_q: int, n_k: int) -> Bool | None:
     return np.concatenate([full, np.ones((*full.shape[:-1], 1), dtype=bool)], axis=-1)
 
 
-def _weighted_values(arith: Arithmetic[Any], p: Any, approx: F64, keep: Bool | None, v: F64) -> Any:
+def _weighted_values(
+    arith: Arithmetic[Any], p: Any, approx: F64, keep: Bool | None, v: F64, finite_values: bool
+) -> Any:
     """``P V`` summed over the keys with positive weight, in the extended reals.
 
     A product P V in BLAS would let a NaN or inf at a hidden key leak through
@@ -435,9 +460,9 @@ def _weighted_values(arith: Arithmetic[Any], p: Any, approx: F64, keep: Bool | N
     effect is added back only where a key with positive weight holds them: a NaN, or
     both +inf and -inf, give NaN; +inf alone +inf; -inf alone -inf.
     """
-    finite = np.isfinite(v)
-    if finite.all():
+    if finite_values:
         return arith.matmul(p, arith.lift(v))
+    finite = np.isfinite(v)
     out = arith.matmul(p, arith.lift(np.where(finite, v, 0.0)))
     # Keys that carry weight: not hidden (logit > -inf) and, in a row with +inf
     # logits, only the +inf keys; dropped keys carry none.

@@ -73,6 +73,7 @@ References
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -414,6 +415,20 @@ def exp_rows(
     return out_hi, out_lo
 
 
+def _pool_only_refs() -> int:
+    """``sys.getrefcount`` of an array held by nothing but a pool list, taken exactly as
+    :meth:`Scratch.fresh` takes it. CPython 3.11 gives 3 (the list, the loop's name,
+    getrefcount's argument); measuring it instead of assuming it keeps the pool safe on
+    interpreters that count stack references differently."""
+    pool = [np.empty(0)]
+    for arr in pool:
+        return sys.getrefcount(arr)
+    raise AssertionError("unreachable")
+
+
+_POOL_ONLY_REFS = _pool_only_refs()
+
+
 class Scratch:
     """Reusable temporaries, by name and shape: the bulk operations write their
     intermediate arrays here instead of allocating (fresh allocations of a few hundred
@@ -432,8 +447,9 @@ class Scratch:
         """
         pool = self._pools.setdefault(shape, [])
         for arr in pool:
-            # references: the pool's list, this loop's name, getrefcount's argument
-            if sys.getrefcount(arr) == 3:
+            # Only the pool holds it (the count is measured the same way as
+            # _POOL_ONLY_REFS, so it follows the interpreter's way of counting).
+            if sys.getrefcount(arr) == _POOL_ONLY_REFS:
                 return arr
         arr = np.empty(shape)
         pool.append(arr)
@@ -606,6 +622,39 @@ def _recompute_lse(x_rows: F64, a_rows: F64, k_rows: npt.NDArray[np.intp]) -> tu
     return out_hi, out_lo
 
 
+def _times_power_of_two(a: DD, b: DD) -> DD | None:
+    r"""``a * b`` for a float64 scalar :math:`b = \pm 2^m` (:math:`|m| \le 64`) and an array
+    ``a`` whose high parts all lie in :math:`[2^{-900}, 2^{900}]` in magnitude: ``(a_hi b,
+    a_lo b)``; None otherwise (the caller takes the general product).
+
+    This is what :meth:`DoubleDouble.mul` computes in that case, in two passes instead of
+    TwoProduct's fifteen, with the same bits: the Veltkamp halves of :math:`b` are
+    :math:`(b, 0)`, so every partial product :math:`a_i b` is exact (each is normal:
+    :math:`|a_2| \ge 2^{-53}|a_{hi}|` or 0) and the error term is exactly 0, leaving
+    ``lo`` :math:`= 0 + (a_{hi} \cdot 0 + a_{lo} b) = a_{lo} b`, one rounding (only when
+    :math:`a_{lo} b` is subnormal). ``a_lo`` is finite wherever ``a_hi`` is (every
+    double-double this arithmetic makes), so the general path's repair of non-finite
+    error terms has nothing to do here. Used for the attention scale :math:`\tau = 1/\sqrt{E}`
+    with E a power of four (E = 64: :math:`\tau = 2^{-3}`).
+    """
+    if b.lo is not None or np.ndim(b.hi) != 0 or a.hi.size == 0:
+        return None
+    t = float(b.hi)
+    mant, exp2 = math.frexp(t)
+    if abs(mant) != 0.5 or not -64 <= exp2 <= 66:
+        return None
+    mag = np.abs(a.hi)
+    if not (float(np.min(mag)) >= 2.0**-900 and float(np.max(mag)) <= 2.0**900):
+        return None  # zeros, tiny or huge entries, inf or NaN (NaN fails both tests)
+    hi = np.multiply(a.hi, t, out=mag)
+    if a.lo is None:
+        return DD(hi, np.zeros_like(hi))
+    with np.errstate(under="ignore"):  # a subnormal a_lo b rounds, as in TwoProduct's path
+        lo = np.multiply(a.lo, t)
+    lo += 0.0  # -0.0 becomes +0.0, as the general path's sum e + (... + a_lo b) gives
+    return DD(hi, lo)
+
+
 _NEAR_UNDERFLOW = 2.0**-969  # below this, lo (about 2**-53 hi) is subnormal
 _LIFT = 600  # 2**600 brings every such product into the normal range, exactly
 
@@ -755,6 +804,9 @@ class DoubleDouble:
         NaN operands, :math:`|a|` or :math:`|b| \ge 2^{995}`) the plain float64 product is
         kept with ``lo = 0``; inf * 0 = NaN is the IEEE answer the definition relies on.
         """
+        scaled = _times_power_of_two(a, b)
+        if scaled is not None:
+            return scaled
         # inf * 0, inf - inf and the splitting's overflow for huge operands make NaN
         # or inf error terms: they are replaced by 0 just below.
         with np.errstate(invalid="ignore", over="ignore"):

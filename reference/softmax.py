@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from attnspec.reference.arith import Arithmetic, get_arithmetic
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
 
@@ -181,11 +182,16 @@ def _rows(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithme
     block = n_rows if arith.chunk_elements <= 0 else max(1, arith.chunk_elements // n)
     if block >= n_rows:
         return _block(kind, x, where, arith)
-    parts = [
-        _block(kind, x[r : r + block], None if where is None else where[r : r + block], arith)
-        for r in range(0, n_rows, block)
-    ]
-    return np.concatenate(parts, axis=0)
+    # Each block's result goes straight into the output (no list of parts to concatenate).
+    out: Any = None
+    for r in range(0, n_rows, block):
+        part = _block(
+            kind, x[r : r + block], None if where is None else where[r : r + block], arith
+        )
+        if out is None:
+            out = np.empty((n_rows, *part.shape[1:]), dtype=part.dtype)
+        out[r : r + block] = part
+    return out
 
 
 def _block(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithmetic[Any]) -> Any:
