@@ -399,11 +399,11 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     # 1. s_ij = tau * q_i . k_j
     s = arith.mul(
         arith.matmul(arith.lift(q), arith.lift(np.swapaxes(k, -1, -2))),
-        arith.lift(np.float64(tau)),
+        arith.lift(np.asarray(tau, dtype=np.float64)),
     )
     # 2. softcap: s <- c tanh(s / c)
     if softcap is not None:
-        c = arith.lift(np.float64(softcap))
+        c = arith.lift(np.asarray(softcap, dtype=np.float64))
         s = arith.mul(c, arith.tanh(arith.div(s, c)))
     # 3. bias and ALiBi: s <- s + b - m_h |i + o - j|
     if bias is not None:
@@ -427,7 +427,7 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     if keep is not None:
         p = arith.div(
             arith.mul(p, arith.lift(keep.astype(np.float64))),
-            arith.sub(arith.lift(np.float64(1.0)), arith.lift(np.float64(dropout_p))),
+            arith.sub(arith.lift(np.ones(())), arith.lift(np.asarray(dropout_p, dtype=np.float64))),
         )
     # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
     out = _weighted_values(arith, p, approx, keep, v, blk.finite_values)

@@ -113,16 +113,16 @@ class Exact:
         return a
 
 
-def _check_dps(dps: object) -> None:
+def _check_dps(dps: object) -> int:
     if isinstance(dps, bool) or not isinstance(dps, int | np.integer) or dps < 1:
         raise ValueError(f"dps must be a positive integer (decimal digits), got {dps!r}")
+    return int(dps)
 
 
 def _run(
     kind: str, x: object, axis: object, where: object, keepdims: bool, dps: object
 ) -> ObjArray:
-    _check_dps(dps)
-    with mpmath.workdps(int(dps)):
+    with mpmath.workdps(_check_dps(dps)):
         out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
         # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
         return _as_mpf(out)
@@ -177,12 +177,12 @@ def sdpa(
     """
     from attnspec.reference.attention import _sdpa, sdpa_defaults
 
-    _check_dps(dps)
+    digits = _check_dps(dps)
     unknown = set(options) - set(sdpa_defaults())
     if unknown:
         raise TypeError(f"sdpa() got unexpected keyword argument(s) {sorted(unknown)}")
     kw = {**sdpa_defaults(), **options}
-    with mpmath.workdps(int(dps)):
+    with mpmath.workdps(digits):
         res = _sdpa(Exact(), q, k, v, **kw)
         if kw["return_lse"]:
             return tuple(_as_mpf(r) for r in res)

@@ -420,7 +420,7 @@ def _dd_times(h: F64, lo: F64, t: float) -> tuple[F64, F64]:
     TwoProduct of h; the product lo * t rounded (error u |lo t| <= u**2 |t h|); the
     three parts renormalized, one more rounding of the last part (u**2 |result|).
     """
-    p, e = two_prod(h, np.float64(t))
+    p, e = two_prod(h, np.asarray(t, dtype=np.float64))
     s1, s2 = two_sum(e, lo * t)
     hh, l1 = fast_two_sum(p, s1)
     l1 += s2

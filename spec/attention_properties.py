@@ -351,7 +351,7 @@ def _regular_rows(case: AttentionCase, out: F64) -> Bools:
     """Rows that see something and whose output is finite (shape of the output's rows)."""
     seen = case_visibility(case)
     has = seen.any(axis=-1) | (case.kwargs.get("sinks") is not None)
-    return has & np.isfinite(out).all(axis=-1)
+    return np.asarray(has & np.isfinite(out).all(axis=-1))
 
 
 def _with_values(case: AttentionCase, v: F64) -> AttentionCase:
@@ -465,7 +465,7 @@ def check_empty_rows(impl: AttentionImpl, case: AttentionCase) -> None:
     case = _fit(impl, case)
     out, lse = _eval(impl, case, lse=True)
     seen = case_visibility(case)
-    empty = ~seen.any(axis=-1)
+    empty = np.asarray(~seen.any(axis=-1))
     if not empty.any():
         return
     bad = empty[..., None] & ~(out == 0.0)
