@@ -200,6 +200,21 @@ def _build(
     return run, count
 
 
+def _run_one(name: str, description: str, run: Callable[[], None], count: list[int]) -> CheckResult:
+    """Run one built check; a violation (shrunk by Hypothesis) or an exception the
+    implementation raised is a failure, reported with its message."""
+    t0 = time.perf_counter()
+    try:
+        run()
+    except AssertionError as exc:  # PropertyViolation, shrunk
+        message = str(exc)
+    except Exception as exc:  # the implementation raised: a failure too
+        message = f"{type(exc).__name__}: {exc}"
+    else:
+        return CheckResult(name, description, True, count[0], time.perf_counter() - t0)
+    return CheckResult(name, description, False, count[0], time.perf_counter() - t0, message)
+
+
 def run_battery(
     family: props.SoftmaxFamily,
     profile_settings: settings | None = None,
@@ -233,36 +248,7 @@ def run_battery(
             else min(base.max_examples, check.max_examples)
         )
         run, count = _build(check, family, base, n)
-        t0 = time.perf_counter()
-        try:
-            run()
-        except AssertionError as exc:  # PropertyViolation, shrunk
-            results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    False,
-                    count[0],
-                    time.perf_counter() - t0,
-                    str(exc),
-                )
-            )
-            continue
-        except Exception as exc:  # the implementation raised: a failure too
-            results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    False,
-                    count[0],
-                    time.perf_counter() - t0,
-                    f"{type(exc).__name__}: {exc}",
-                )
-            )
-            continue
-        results.append(
-            CheckResult(check.name, check.description, True, count[0], time.perf_counter() - t0)
-        )
+        results.append(_run_one(check.name, check.description, run, count))
     return results
 
 
@@ -407,34 +393,5 @@ def run_attention_battery(
             else min(base.max_examples, check.max_examples)
         )
         run, count = _build_attention(check, impl, base, n)
-        t0 = time.perf_counter()
-        try:
-            run()
-        except AssertionError as exc:
-            results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    False,
-                    count[0],
-                    time.perf_counter() - t0,
-                    str(exc),
-                )
-            )
-            continue
-        except Exception as exc:  # the implementation raised: a failure too
-            results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    False,
-                    count[0],
-                    time.perf_counter() - t0,
-                    f"{type(exc).__name__}: {exc}",
-                )
-            )
-            continue
-        results.append(
-            CheckResult(check.name, check.description, True, count[0], time.perf_counter() - t0)
-        )
+        results.append(_run_one(check.name, check.description, run, count))
     return results
