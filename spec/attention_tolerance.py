@@ -342,4 +342,6 @@ def accurate_sdpa_bound(weighted: Any, max_abs_v: Any = 0.0, floor: float = 0.0)
     weaker form :math:`+ 2^{-60} \max_j |v_{jk}|` should a product only guarantee that.
     """
     w = np.asarray(weighted, dtype=np.float64)
+    if not floor:  # no floor term: 0 * max|v| would be NaN where a value is infinite
+        return 4 * U * w + ETA
     return 4 * U * w + floor * np.asarray(max_abs_v, dtype=np.float64) + ETA

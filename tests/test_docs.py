@@ -266,5 +266,14 @@ def test_find_root_ignores_other_projects(tmp_path: Path, monkeypatch: pytest.Mo
 def test_find_root_falls_back_to_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert docs.find_root() == Path(attnspec.__file__).resolve().parents[1] == ROOT
+    # A checkout laid out like the repository, with the package inside it (an editable
+    # install); from a folder outside it, find_root() falls back to the package's parent.
+    repo = tmp_path / "checkout"
+    (repo / "docs").mkdir(parents=True)
+    (repo / "attnspec").mkdir()
+    (repo / "pyproject.toml").write_text('[project]\nname = "attnspec"\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(attnspec, "__file__", str(repo / "attnspec" / "__init__.py"))
+    monkeypatch.chdir(elsewhere)
+    assert docs.find_root() == repo.resolve()
