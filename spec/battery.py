@@ -175,10 +175,11 @@ def _call(check: Check, family: props.SoftmaxFamily, drawn: Any) -> None:
         check.prop(family, drawn.x, drawn.axis, drawn.where)
 
 
-def _build(
-    check: Check, family: props.SoftmaxFamily, base: settings, n: int
+def _given(
+    strategy: st.SearchStrategy[Any], body: Callable[[Any], None], base: settings, n: int
 ) -> tuple[Callable[[], None], list[int]]:
-    """The @given test of ``check`` on ``family`` and its example counter."""
+    """``body`` as a Hypothesis test over ``strategy`` with ``n`` examples, and its
+    example counter (shared by the softmax and the attention batteries)."""
     count = [0]
 
     @settings(
@@ -190,14 +191,22 @@ def _build(
             *base.suppress_health_check,
             HealthCheck.too_slow,
             HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
         ],
     )
-    @given(check.cases(family))
+    @given(strategy)
     def run(drawn: Any) -> None:
         count[0] += 1
-        _call(check, family, drawn)
+        body(drawn)
 
     return run, count
+
+
+def _build(
+    check: Check, family: props.SoftmaxFamily, base: settings, n: int
+) -> tuple[Callable[[], None], list[int]]:
+    """The @given test of ``check`` on ``family`` and its example counter."""
+    return _given(check.cases(family), lambda drawn: _call(check, family, drawn), base, n)
 
 
 def _run_one(name: str, description: str, run: Callable[[], None], count: list[int]) -> CheckResult:
@@ -335,26 +344,8 @@ def _build_attention(
     """The @given test of ``check`` on ``impl`` and its example counter."""
     from attnspec.spec.attention_strategies import attention_cases
 
-    count = [0]
-
-    @settings(
-        base,
-        max_examples=n,
-        database=None,
-        report_multiple_bugs=False,
-        suppress_health_check=[
-            *base.suppress_health_check,
-            HealthCheck.too_slow,
-            HealthCheck.filter_too_much,
-            HealthCheck.data_too_large,
-        ],
-    )
-    @given(attention_cases(features=impl.features, max_side=check.max_side))
-    def run(case: Any) -> None:
-        count[0] += 1
-        _attention_call(check, impl, case)
-
-    return run, count
+    cases = attention_cases(features=impl.features, max_side=check.max_side)
+    return _given(cases, lambda case: _attention_call(check, impl, case), base, n)
 
 
 def run_attention_battery(

@@ -174,7 +174,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     """Same outcome? The outcomes told apart here differ by O(1) (a shifted causal diagonal,
     0 versus the mean of V), while a correct float32 softmax is off by ~1e-7 (jax computes it
     in float32 even for float64 input), so an absolute 1e-5 separates them safely."""
-    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=1e-5))
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=0.0, atol=1e-5))  # see docstring
 
 
 def _plain(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: Any) -> np.ndarray:
@@ -633,6 +633,8 @@ def test_jax_fully_masked_row(jax: Any) -> None:
     fill = np.float32(-0.7 * float(np.finfo(np.float32).max))
     assert np.isfinite(lse[0, 0, 0]) and lse[0, 0, 0] == pytest.approx(float(fill) + math.log(4))
     s = np.einsum("le,se->ls", q[0], k[0]) / math.sqrt(3)
+    # jax works in float32 here (u = 2**-24 = 6e-8): an LSE of 4 logits below 3 in size is
+    # within (n + 2 + 2 range) u |lse| < 1e-6 of exact, so atol=1e-5 keeps a 10x margin.
     assert np.allclose(lse[0, 1:, 0], scipy.special.logsumexp(s[1:], axis=-1), atol=1e-5)
 
 
