@@ -209,6 +209,16 @@ def _build(
     return _given(check.cases(family), lambda drawn: _call(check, family, drawn), base, n)
 
 
+def _not_applicable(name: str, description: str, why: str) -> CheckResult:
+    """The result of a check the implementation has no feature for: passed, 0 examples."""
+    return CheckResult(name, description, True, 0, 0.0, why, applicable=False)
+
+
+def _examples(base: settings, cap: int | None) -> int:
+    """The profile's examples per check, capped by the check's own ``max_examples``."""
+    return base.max_examples if cap is None else min(base.max_examples, cap)
+
+
 def _run_one(name: str, description: str, run: Callable[[], None], count: list[int]) -> CheckResult:
     """Run one built check; a violation (shrunk by Hypothesis) or an exception the
     implementation raised is a failure, reported with its message."""
@@ -240,22 +250,10 @@ def run_battery(
     for check in checks if checks is not None else BATTERY:
         if check.needs_where and not family.supports_where:
             results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    True,
-                    0,
-                    0.0,
-                    "not applicable: no where= support",
-                    applicable=False,
-                )
+                _not_applicable(check.name, check.description, "not applicable: no where= support")
             )
             continue
-        n = (
-            base.max_examples
-            if check.max_examples is None
-            else min(base.max_examples, check.max_examples)
-        )
+        n = _examples(base, check.max_examples)
         run, count = _build(check, family, base, n)
         results.append(_run_one(check.name, check.description, run, count))
     return results
@@ -367,22 +365,12 @@ def run_attention_battery(
         missing = check.needs - set(impl.features)
         if missing:
             results.append(
-                CheckResult(
-                    check.name,
-                    check.description,
-                    True,
-                    0,
-                    0.0,
-                    f"not applicable: needs {sorted(missing)}",
-                    applicable=False,
+                _not_applicable(
+                    check.name, check.description, f"not applicable: needs {sorted(missing)}"
                 )
             )
             continue
-        n = (
-            base.max_examples
-            if check.max_examples is None
-            else min(base.max_examples, check.max_examples)
-        )
+        n = _examples(base, check.max_examples)
         run, count = _build_attention(check, impl, base, n)
         results.append(_run_one(check.name, check.description, run, count))
     return results
