@@ -62,10 +62,10 @@ def _derivation_lines() -> list[Line]:
 def _battery_lines(profile: str) -> list[Line]:
     from hypothesis import settings
 
-    from attnspec.spec.attention_properties import attnspec_impl
     from attnspec.spec.battery import run_attention_battery, run_battery
     from attnspec.spec.profiles import load_profile
-    from attnspec.spec.properties import attnspec_family
+    from attnspec.spec.properties.attention import attnspec_impl
+    from attnspec.spec.properties.softmax import attnspec_family
 
     load_profile(profile)
     lines = []

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 import attnspec
-from attnspec.spec.tolerance import (
+from attnspec.spec.tolerances.softmax import (
     ETA64,
     SECOND_ORDER,
     U64,
@@ -149,9 +149,9 @@ def step_by_step_bounds(q: F64, k: F64, v: F64, tau: float, z: F64, p: F64) -> d
            z_j|`, to first order.
         2. Weights. Exact softmax of :math:`\hat z` differs from that of :math:`z` by the
            relative factor :math:`e^{2\Delta} - 1`, :math:`\Delta = \max_j \delta_j`
-           (:func:`attnspec.spec.tolerance.perturbed_softmax_factor`); the shifted, divided
+           (:func:`attnspec.spec.tolerances.softmax.perturbed_softmax_factor`); the shifted, divided
            softmax in float64 adds :math:`\rho^{\mathrm{fast}}_j = (n + 6 + r_j + r)u`
-           (:func:`attnspec.spec.tolerance.softmax_fast_bound`, Blanchard, Higham & Higham
+           (:func:`attnspec.spec.tolerances.softmax.softmax_fast_bound`, Blanchard, Higham & Higham
            2021, Thm 4.3, doi:10.1093/imanum/draa038). Together :math:`|\hat p_j - p_j| \le
            \rho_j p_j + \alpha_j` with :math:`\rho_j = (1 + F)(1 + \rho^{\mathrm{fast}}_j) -
            1` and :math:`\alpha_j` the underflow part.

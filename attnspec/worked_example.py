@@ -34,7 +34,7 @@ from attnspec.demo import (
     fixed,
     walkthrough,
 )
-from attnspec.spec.tolerance import U64
+from attnspec.spec.tolerances.softmax import U64
 
 __all__ = [
     "FIGURE_DPI",

@@ -29,7 +29,7 @@ import scipy
 import scipy.special
 
 import attnspec
-from attnspec.spec.tolerance import ulp_of_exact
+from attnspec.spec.tolerances.softmax import ulp_of_exact
 
 torch: Any
 try:

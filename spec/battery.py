@@ -1,11 +1,11 @@
 """The property batteries of the softmax family and of attention, as data, and runners.
 
 :data:`BATTERY` lists the softmax checks; :func:`run_battery` runs each one under
-Hypothesis against a :class:`~attnspec.spec.properties.SoftmaxFamily` with the active (or
+Hypothesis against a :class:`~attnspec.spec.properties.softmax.SoftmaxFamily` with the active (or
 given) settings profile and returns one :class:`CheckResult` per check, for ``attnspec
 verify`` to print one line each. :data:`ATTENTION_BATTERY` and
 :func:`run_attention_battery` do the same for an
-:class:`~attnspec.spec.attention_properties.AttentionImpl`.
+:class:`~attnspec.spec.properties.attention.AttentionImpl`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnspec.spec import properties as props
-from attnspec.spec.strategies import SoftmaxCase, softmax_cases
+from attnspec.spec.properties import softmax as props
+from attnspec.spec.strategies.softmax import SoftmaxCase, softmax_cases
 
 __all__ = [
     "ATTENTION_BATTERY",
@@ -85,7 +85,7 @@ def _with_perm(family: props.SoftmaxFamily) -> st.SearchStrategy[Any]:
     @st.composite
     def make(draw: st.DrawFn) -> tuple[SoftmaxCase, list[int]]:
         case = draw(_cases()(family))
-        from attnspec.spec.properties import _layout
+        from attnspec.spec.properties.softmax import _layout
 
         n = _layout(case.x.shape, case.axis).n
         return case, draw(st.permutations(range(n)))
@@ -267,7 +267,7 @@ def run_battery(
 @dataclass(frozen=True)
 class AttentionCheck:
     """One named attention check: a property of
-    :mod:`attnspec.spec.attention_properties`, the features it needs, and how many
+    :mod:`attnspec.spec.properties.attention`, the features it needs, and how many
     examples at most (None: the profile's)."""
 
     name: str
@@ -279,7 +279,7 @@ class AttentionCheck:
 
 
 def _attention_checks() -> list[AttentionCheck]:
-    from attnspec.spec import attention_properties as ap
+    from attnspec.spec.properties import attention as ap
 
     def c(
         name: str, text: str, needs: tuple[str, ...] = (), n: int | None = 25, side: int = 4
@@ -340,7 +340,7 @@ def _build_attention(
     check: AttentionCheck, impl: Any, base: settings, n: int
 ) -> tuple[Callable[[], None], list[int]]:
     """The @given test of ``check`` on ``impl`` and its example counter."""
-    from attnspec.spec.attention_strategies import attention_cases
+    from attnspec.spec.strategies.attention import attention_cases
 
     cases = attention_cases(features=impl.features, max_side=check.max_side)
     return _given(cases, lambda case: _attention_call(check, impl, case), base, n)
@@ -352,9 +352,9 @@ def run_attention_battery(
     checks: list[AttentionCheck] | None = None,
 ) -> list[CheckResult]:
     """Run ``checks`` (default :data:`ATTENTION_BATTERY`) on an
-    :class:`~attnspec.spec.attention_properties.AttentionImpl`; one result per check.
+    :class:`~attnspec.spec.properties.attention.AttentionImpl`; one result per check.
 
-    Cases come from :func:`attnspec.spec.attention_strategies.attention_cases` restricted
+    Cases come from :func:`attnspec.spec.strategies.attention.attention_cases` restricted
     to the implementation's features; a check whose features the implementation lacks is
     reported as not applicable. ``profile_settings`` (default: the active profile) sets
     the examples per check, capped by the check's own ``max_examples``.

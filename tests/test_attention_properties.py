@@ -2,7 +2,7 @@
 deliberately broken implementation.
 
 The implementations: attnspec.sdpa precision="fast" (the textbook float64 bounds of
-attnspec.spec.attention_tolerance), precision="accurate" (4u sum_j p_ij |v_jk| and 1 ulp
+attnspec.spec.tolerances.attention), precision="accurate" (4u sum_j p_ij |v_jk| and 1 ulp
 for the lse) and attnspec.exact.sdpa at 50 digits rounded to float64 (correctly rounded,
 so it meets the accurate claim), at tiny sizes.
 """
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import example, given, settings
 
 import attnspec
-from attnspec.spec import attention_properties as AP
-from attnspec.spec.attention_strategies import AttentionCase, attention_cases
+from attnspec.spec.properties import attention as AP
+from attnspec.spec.strategies.attention import AttentionCase, attention_cases
 
 IMPLS = {
     "fast": AP.attnspec_impl("fast"),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
 import attnspec
-from attnspec.spec.attention_strategies import (
+from attnspec.spec.strategies.attention import (
     FEATURES,
     MAGNITUDES,
     AttentionCase,

@@ -2,7 +2,7 @@
 attnspec.worked_example).
 
 Bounds used here are derived in attnspec.demo (``step_by_step_bounds``, ``sdpa_bound``)
-from attnspec.spec.tolerance; expected numbers say where they come from.
+from attnspec.spec.tolerances.softmax; expected numbers say where they come from.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis.extra.numpy import arrays
 
 import attnspec
 from attnspec import demo, worked_example
-from attnspec.spec.tolerance import SECOND_ORDER, U64, sum_to_one_bound, ulp_error
+from attnspec.spec.tolerances.softmax import SECOND_ORDER, U64, sum_to_one_bound, ulp_error
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

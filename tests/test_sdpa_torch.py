@@ -5,7 +5,7 @@ torch mean the same thing (torch's is_causal is top_left; causal_lower_right is
 bottom_right; enable_gqa maps head h to kv head h // G; a bool mask is True = attend; a
 float mask is added), they compute the same numbers within the sum of both error bounds:
 attnspec's accurate bound and the textbook float64 bound of
-``attnspec.spec.tolerance.textbook_sdpa_bound`` for torch.
+``attnspec.spec.tolerances.attention.textbook_sdpa_bound`` for torch.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import attnspec
-from attnspec.spec.attention_tolerance import U as U64
-from attnspec.spec.attention_tolerance import textbook_sdpa_bound
+from attnspec.spec.tolerances.attention import U as U64
+from attnspec.spec.tolerances.attention import textbook_sdpa_bound
 
 torch = pytest.importorskip("torch", reason="torch is an optional peer; CI installs torch==2.13.0")
 F = torch.nn.functional

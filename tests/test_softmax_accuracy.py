@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import attnspec
-from attnspec.spec.tolerance import ulp_error
+from attnspec.spec.tolerances.softmax import ulp_error
 
 KINDS = ("softmax", "log_softmax", "logsumexp")
 FAITHFUL = 1.0  # ulp: the goal of precision="accurate" (faithful rounding)

@@ -17,8 +17,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import attnspec
-from attnspec.spec import properties as P
-from attnspec.spec.strategies import SoftmaxCase, softmax_cases
+from attnspec.spec.properties import softmax as P
+from attnspec.spec.strategies.softmax import SoftmaxCase, softmax_cases
 
 FAMILIES = {
     "fast": P.attnspec_family("fast"),

@@ -1,4 +1,4 @@
-"""The strategies of attnspec.spec.strategies reach what their docstrings say.
+"""The strategies of attnspec.spec.strategies.softmax reach what their docstrings say.
 
 Each hard case is found with hypothesis.find (which fails with NoSuchExample when a
 strategy cannot reach it), and every drawn case is checked to be valid.
@@ -15,7 +15,7 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from attnspec.reference.inputs import normalize_axes
-from attnspec.spec.strategies import (
+from attnspec.spec.strategies.softmax import (
     DTYPES,
     REGIMES,
     SoftmaxCase,

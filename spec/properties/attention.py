@@ -2,9 +2,9 @@ r"""The properties of scaled dot-product attention, as checks of any implementat
 
 Each ``check_*`` function takes an :class:`AttentionImpl` (a callable with the signature
 of :func:`attnspec.sdpa` that takes and returns numpy arrays, the features it supports
-and the accuracy it claims) and an :class:`~attnspec.spec.attention_strategies.AttentionCase`,
+and the accuracy it claims) and an :class:`~attnspec.spec.strategies.attention.AttentionCase`,
 evaluates the implementation, and raises
-:class:`~attnspec.spec.properties.PropertyViolation` with the worst entry, the bound it
+:class:`~attnspec.spec.properties.softmax.PropertyViolation` with the worst entry, the bound it
 broke and a call that reproduces it. Each check states one of the claims proved in
 :mod:`attnspec.spec.derivations.attention` (named in its docstring) so that it can be
 tested on an implementation rather than on symbols.
@@ -18,12 +18,12 @@ window visibility are folded into an explicit mask where a check moves positions
 Tolerances. Every comparison of two computed results allows the sum of their error
 bounds against the exact values (:func:`output_bound`), plus, where the inputs of the
 two calls differ by a rounding, the effect of that rounding on the exact result
-(:func:`attnspec.spec.attention_tolerance.perturbation_factor`). The bounds:
+(:func:`attnspec.spec.tolerances.attention.perturbation_factor`). The bounds:
 
-* "accurate": :func:`attnspec.spec.attention_tolerance.accurate_sdpa_bound` for the
+* "accurate": :func:`attnspec.spec.tolerances.attention.accurate_sdpa_bound` for the
   output, one ulp for the lse;
-* "fast": :func:`attnspec.spec.attention_tolerance.textbook_sdpa_bound` and
-  :func:`~attnspec.spec.attention_tolerance.textbook_lse_bound`;
+* "fast": :func:`attnspec.spec.tolerances.attention.textbook_sdpa_bound` and
+  :func:`~attnspec.spec.tolerances.attention.textbook_lse_bound`;
 * a number :math:`\rho`: :math:`|\hat o_{ik} - o_{ik}| \le \rho \sum_j p_{ij}|v_{jk}|
   + \eta` and :math:`|\hat\ell_i - \ell_i| \le \rho \max(1, |\ell_i|)`.
 
@@ -42,9 +42,9 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
-from attnspec.spec import attention_tolerance as atol
-from attnspec.spec.attention_strategies import FEATURES, AttentionCase, case_visibility
-from attnspec.spec.properties import PropertyViolation
+from attnspec.spec.properties.softmax import PropertyViolation
+from attnspec.spec.strategies.attention import FEATURES, AttentionCase, case_visibility
+from attnspec.spec.tolerances import attention as atol
 
 __all__ = [
     "PROPERTIES",
@@ -97,14 +97,14 @@ class AttentionImpl:
         (but ``precision``); numpy arrays in, numpy arrays out; with
         ``return_lse=True`` it returns ``(out, lse)``.
     features : frozenset of str
-        What it supports, from :data:`~attnspec.spec.attention_strategies.FEATURES`:
+        What it supports, from :data:`~attnspec.spec.strategies.attention.FEATURES`:
         mask (bool masks and additive biases), causal, window, gqa, softcap, alibi, sinks,
         dropout (an explicit keep-mask), lse.
     accuracy : "accurate", "fast" or float
         The bound it claims (see the module docstring).
     floor : float
         For "accurate": the :math:`f` of
-        :func:`~attnspec.spec.attention_tolerance.accurate_sdpa_bound` (0: the claim of
+        :func:`~attnspec.spec.tolerances.attention.accurate_sdpa_bound` (0: the claim of
         :func:`attnspec.sdpa`).
     call : str, optional
         How a reproduction is written: a format string with ``{args}``.
@@ -571,7 +571,8 @@ def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None)
     are dropped. :math:`\mathrm{fl}(k_j + u)` rounds: the exact logits of the shifted
     keys differ from :math:`s_{ij} + \tau q_i\cdot u` by at most :math:`\delta_i =
     |\tau| \max_j \sum_e |q_{ie}||r_{je}|` with :math:`r` the rounding errors (TwoSum,
-    exact), so the output may move by :func:`~attnspec.spec.attention_tolerance.perturbation_factor`
+    exact), so the output may move by
+    :func:`~attnspec.spec.tolerances.attention.perturbation_factor`
     :math:`(\delta_i) \sum_j p_{ij}|v_{jk}|` and the lse by :math:`\delta_i`, besides the
     two results' bounds. Default shift: :math:`u = (1.5, -0.75, \dots)` alternating.
     """
@@ -1205,7 +1206,7 @@ def check_lse_bounds(impl: AttentionImpl, case: AttentionCase) -> None:
     logits (and the sink), so :math:`\max_j s_{ij} \le \ell_i \le \max_j s_{ij} + \log n_i`.
 
     The logits are computed here in float64 with the error bound :math:`\varepsilon_i` of
-    :func:`~attnspec.spec.attention_tolerance.logit_data`; allowed: :math:`\varepsilon_i`,
+    :func:`~attnspec.spec.tolerances.attention.logit_data`; allowed: :math:`\varepsilon_i`,
     the lse's own bound and :math:`u` of the comparison. A row that sees nothing: exactly
     :math:`-\infty` (see :func:`check_empty_rows`).
     """
@@ -1298,13 +1299,13 @@ def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> 
 
     "accurate": :math:`|\hat o_{ik} - o_{ik}| \le 4u \sum_j p_{ij}|v_{jk}| + f\max_j|v_{jk}|
     + \eta` with :math:`\sum_j p_{ij}|v_{jk}|` itself from the exact reference, and the lse
-    within one ulp of the exact value (:func:`attnspec.spec.tolerance.ulp_of_exact`);
+    within one ulp of the exact value (:func:`attnspec.spec.tolerances.softmax.ulp_of_exact`);
     "fast": the textbook bounds; a number: see the module docstring. Non-finite exact
     results (NaN rows, :math:`-\infty` lse of empty rows) must be matched exactly.
     """
     __tracebackhide__ = True
     from attnspec import exact
-    from attnspec.spec.tolerance import ulp_of_exact
+    from attnspec.spec.tolerances.softmax import ulp_of_exact
 
     case = _fit(impl, case)
     out, lse = _eval(impl, case, lse=True)

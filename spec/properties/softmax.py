@@ -12,7 +12,7 @@ Every property is evaluated per *slice* (all entries along ``axis``, brought int
 A slice is *regular* when it has at least one included finite entry and no included NaN
 or :math:`+\infty` (included :math:`-\infty` entries act as excluded ones); the other
 slices are decided exactly by the special-value rules of ``reference/softmax.py``
-(:func:`check_special_values`). Bounds come from :mod:`attnspec.spec.tolerance`; where a
+(:func:`check_special_values`). Bounds come from :mod:`attnspec.spec.tolerances.softmax`; where a
 property holds exactly in floating point, the docstring says why.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
-from attnspec.spec import tolerance as tol
+from attnspec.spec.tolerances import softmax as tol
 
 __all__ = [
     "PROPERTIES",
@@ -81,7 +81,7 @@ class SoftmaxFamily:
         without keeping it.
     accuracy : {"faithful", "fast"}
         "faithful": every result within one ulp of the exact value. "fast": the bounds of
-        the shifted float64 algorithm (:func:`attnspec.spec.tolerance.softmax_fast_bound`).
+        the shifted float64 algorithm (:func:`attnspec.spec.tolerances.softmax.softmax_fast_bound`).
     supports_where : bool
         Whether ``where`` is accepted; properties of excluded entries need it.
     supports_tuple_axis : bool
@@ -380,7 +380,7 @@ def check_sum_to_one(
     r"""Each regular slice of softmax sums to 1 within the derived bound; an empty one to 0.
 
     The sum is taken exactly and rounded once (``math.fsum``); the bound is
-    :func:`attnspec.spec.tolerance.sum_to_one_bound` of the family's error bound
+    :func:`attnspec.spec.tolerances.softmax.sum_to_one_bound` of the family's error bound
     (:math:`3.01u + n 2^{-1074}` when faithful).
     """
     __tracebackhide__ = True
@@ -492,7 +492,7 @@ def check_shift_invariance(
       operation sees the same operands.
     * Otherwise the shifted logits are perturbed by :math:`\delta = \max_j |fl(x_j + c)
       - (x_j + c)|` (found exactly by TwoSum), which changes softmax by the factor of
-      :func:`attnspec.spec.tolerance.perturbed_softmax_factor` and log_softmax and LSE by
+      :func:`attnspec.spec.tolerances.softmax.perturbed_softmax_factor` and log_softmax and LSE by
       at most :math:`2\delta` and :math:`\delta`; each evaluation adds its own error bound.
 
     Special slices must give bitwise the same results (the rules ignore the shift).
@@ -771,7 +771,7 @@ def check_agreement(
 
     "faithful": within one ulp of the exact value (``ulp_error <= 1``), the accuracy goal
     of precision="accurate". "fast": :math:`|c - y| \le \rho|y| + \alpha` with the bounds
-    of :mod:`attnspec.spec.tolerance` (Blanchard, Higham & Higham 2021, Thm 4.3, made
+    of :mod:`attnspec.spec.tolerances.softmax` (Blanchard, Higham & Higham 2021, Thm 4.3, made
     explicit). A result beyond the float64 range counts as exact when it is the infinity
     of the right sign. Special slices must match the exact rules bitwise, except the
     weights :math:`1/k` and :math:`-\log k` of :math:`+\infty` slices, which are held to

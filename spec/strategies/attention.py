@@ -74,7 +74,7 @@ _FEATURE_KEYS = {
 
 
 def _arr_repr(a: Any) -> str:
-    from attnspec.spec.properties import _array_repr
+    from attnspec.spec.properties.softmax import _array_repr
 
     return _array_repr(np.asarray(a))
 
@@ -341,7 +341,7 @@ def _poison(draw: st.DrawFn, case: AttentionCase) -> AttentionCase:
 
     Keys and rows hidden only by a bias of -inf are not poisoned: ``attnspec.sdpa`` adds
     the bias before it decides visibility, so NaN + (-inf) = NaN there (reported to the
-    lead; :func:`attnspec.spec.attention_properties.check_hidden_values` shows it).
+    lead; :func:`attnspec.spec.properties.attention.check_hidden_values` shows it).
     """
     seen = case_visibility(case.with_kwargs(bias=None))
     q, k, v = case.q.copy(), case.k.copy(), case.v.copy()

@@ -14,7 +14,7 @@ against the exact one) and on :math:`|\hat\ell_i - \ell_i|` (the lse):
 Notation: :math:`u = 2^{-53}`, :math:`\eta = 2^{-1074}` (the smallest subnormal),
 :math:`\gamma_n = nu/(1 - nu)` (Higham 2002, Lemma 3.1).
 
-(To be folded into :mod:`attnspec.spec.tolerance`.)
+(To be folded into :mod:`attnspec.spec.tolerances.softmax`.)
 
 References
 ----------
@@ -56,7 +56,7 @@ ETA = 2.0**-1074
 TANH_ULPS = 2.0
 #: absorbs the second-order terms of the first-order bounds below (each first-order
 #: coefficient times u is below 2**-20 for the sizes used; see
-#: attnspec.spec.tolerance.SECOND_ORDER)
+#: attnspec.spec.tolerances.softmax.SECOND_ORDER)
 SECOND_ORDER = 1.01
 
 

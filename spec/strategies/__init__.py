@@ -1,0 +1,1 @@
+"""Hypothesis strategies, one module per topic: ``softmax`` and ``attention``."""

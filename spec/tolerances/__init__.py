@@ -1,0 +1,1 @@
+"""Error bounds and the tolerances derived from them, one module per topic."""
