@@ -1,10 +1,11 @@
 """The generated docs are in sync with the spec, and drift is caught.
 
 docs/softmax.md and docs/attention.md are rendered from the claims in spec/derivations
-and the templates in attnspec/docs.py; check() must report nothing on the repository,
+and the templates in docs/_templates; check() must report nothing on the repository,
 and must report a page whose generated content was edited, or whose claims changed
-without regenerating. Proving every claim takes seconds, so the module proves them once
-(``proofs``) and renders once from those proofs (``rendered``).
+without regenerating. A template whose slots do not match what the generator fills is
+refused, and no template lies unused. Proving every claim takes seconds, so the module
+proves them once (``proofs``) and renders once from those proofs (``rendered``).
 """
 
 from __future__ import annotations
@@ -205,12 +206,100 @@ def test_visibility_panel_without_a_rule_is_refused(monkeypatch: pytest.MonkeyPa
         docs._visibility_picture()
 
 
-def test_template_slot_must_appear_once() -> None:
-    assert docs._fill("a {x} b", x="1") == "a 1 b"
-    with pytest.raises(ValueError, match=r"0 \{y\} slots"):
-        docs._fill("a {x} b", y="1")
-    with pytest.raises(ValueError, match=r"2 \{x\} slots"):
-        docs._fill("{x}{x}", x="1")
+def test_fill_replaces_block_and_inline_slots() -> None:
+    # A slot alone on its line takes the line (its part ends with a newline); a slot
+    # inside a line is replaced as it is. LaTeX braces are left alone.
+    template = "{{ head }}\n$e^{x_j}$ and {{ word }}.\n{{ block }}\nend\n"
+    parts = {"head": "H\n", "word": "w", "block": "B1\nB2\n"}
+    assert docs._fill(template, parts, "t.md") == "H\n$e^{x_j}$ and w.\nB1\nB2\nend\n"
+    assert docs._fill("a\n{{ x }}", {"x": "X\n"}, "t.md") == "a\nX\n"
+    with pytest.raises(ValueError, match=r"t\.md: the slot \{\{ x \}\} stands alone"):
+        docs._fill("a\n{{ x }}\nb\n", {"x": "no newline"}, "t.md")
+
+
+def test_fill_refuses_slots_that_do_not_match() -> None:
+    with pytest.raises(ValueError, match=r"t\.md has the slot \{\{ y \}\}, which the generator"):
+        docs._fill("a {{ x }} {{ y }}", {"x": "1"}, "t.md")
+    with pytest.raises(ValueError, match=r"t\.md lacks the slot \{\{ y \}\}, which the generator"):
+        docs._fill("a {{ x }} b", {"x": "1", "y": "2"}, "t.md")
+    with pytest.raises(ValueError, match=r"t\.md has the slot \{\{ x \}\} more than once"):
+        docs._fill("{{ x }}{{ x }}", {"x": "1"}, "t.md")
+    for malformed in ("{{x}}", "{{  x }}", "{{ X }}", "{{{ x }}", "{{ x}}", "{{"):
+        with pytest.raises(ValueError, match=r"t\.md, line 2: .* is not a slot"):
+            docs._fill("a\n" + malformed + "\n", {}, "t.md")
+
+
+def _templates() -> list[str]:
+    """The names of the files in docs/_templates (there must be some)."""
+    names = sorted(p.name for p in (ROOT / docs._TEMPLATES).iterdir())
+    assert names, "docs/_templates holds no templates"
+    return names
+
+
+def _slots(name: str) -> list[str]:
+    return re.findall(
+        r"\{\{ ([a-z][a-z0-9_]*) \}\}", (ROOT / docs._TEMPLATES / name).read_text(encoding="utf-8")
+    )
+
+
+def _edit_template(root: Path, name: str, old: str, new: str) -> None:
+    path = root / docs._TEMPLATES / name
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{name} lacks {old!r}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", _templates())
+def test_template_with_an_unknown_slot_is_refused(
+    name: str, tmp_path: Path, proofs: dict[str, Proof]
+) -> None:
+    root = _copy_repo_docs(tmp_path)
+    assert docs.render(proofs, root=root)  # the copy renders, before the edit
+    _edit_template(root, name, "\n", "\nSee {{ no_such_part }} here.\n")
+    message = (
+        rf"docs/_templates/{re.escape(name)} has the slot \{{\{{ no_such_part \}}\}},"
+        " which the generator does not fill"
+    )
+    with pytest.raises(ValueError, match=message):
+        docs.render(proofs, root=root)
+
+
+def test_template_missing_a_slot_is_refused(tmp_path: Path, proofs: dict[str, Proof]) -> None:
+    # Take each slot out of its template in turn: the generator still fills it, so the
+    # page is refused, naming the template and the slot.
+    cases = [(name, slot) for name in _templates() for slot in _slots(name)]
+    assert len(cases) >= 10, cases  # header, index, claims, ... of the three pages
+    for name, slot in cases:
+        root = _copy_repo_docs(tmp_path / f"{name}-{slot}")
+        _edit_template(root, name, "{{ " + slot + " }}", "")
+        message = rf"docs/_templates/{re.escape(name)} lacks the slot \{{\{{ {slot} \}}\}}"
+        with pytest.raises(ValueError, match=message):
+            docs.render(proofs, root=root)
+
+
+def test_every_template_is_used_by_some_page(
+    monkeypatch: pytest.MonkeyPatch, proofs: dict[str, Proof]
+) -> None:
+    read: list[str] = []
+    template = docs._template
+
+    def spy(root: Path, name: str) -> str:
+        read.append(name)
+        return template(root, name)
+
+    monkeypatch.setattr(docs, "_template", spy)
+    docs.render(proofs, root=ROOT)
+    orphans = sorted(set(_templates()) - set(read))
+    assert orphans == [], f"templates no page uses: {orphans}"
+    # Each page's template is named after it.
+    assert {Path(page).name for page in TOPIC_PAGES} <= set(read)
+
+
+def test_missing_template_is_reported(tmp_path: Path, proofs: dict[str, Proof]) -> None:
+    root = _copy_repo_docs(tmp_path)
+    (root / docs._TEMPLATES / "attention.md").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no template .*_templates.attention\.md"):
+        docs.render(proofs, root=root)
 
 
 @pytest.mark.parametrize("page", TOPIC_PAGES)
