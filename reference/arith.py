@@ -60,10 +60,6 @@ class Arithmetic(Protocol[T]):
         """``a / b``."""
         ...
 
-    def exp(self, a: T) -> T:
-        """``e**a``; ``exp(-inf) = 0``."""
-        ...
-
     def log1p(self, a: T) -> T:
         """``log(1 + a)`` for ``a >= 0``."""
         ...
@@ -92,11 +88,29 @@ class Arithmetic(Protocol[T]):
         """``a`` rounded to float64 (to choose a maximum, to find special values)."""
         ...
 
-    def sum_except(self, a: T, skip: npt.NDArray[np.intp]) -> T:
-        """Sum over the last axis leaving out ``a[..., skip[...]]`` (one entry a row).
+    # -- the three steps of the softmax of a shifted row (reference/softmax.py) ------
+    # Rows lie along the last axis; ``d`` holds d_j = x_j - a (so d_k = 0 at the
+    # maximum k, and d_j <= 0), ``k`` the position of the maximum in each row (the shape
+    # of ``d`` without its last axis). Results that reduce a row keep the last axis
+    # with length 1.
 
-        ``skip`` has the shape of ``a`` without its last axis; the result keeps the
-        last axis with length 1.
+    def sum_others(self, d: T, k: npt.NDArray[np.intp]) -> T:
+        r"""The sum of the other terms, :math:`s' = \sum_{j \ne k} e^{d_j}`."""
+        ...
+
+    def weights(self, d: T, k: npt.NDArray[np.intp]) -> tuple[T, T]:
+        r"""The weights :math:`p_j = e^{d_j} / (1 + s')` of each row, and :math:`s'`."""
+        ...
+
+    def lse(self, a: T, d: T, k: npt.NDArray[np.intp], s: T) -> T:
+        r"""The log-sum-exp of each row from its maximum and the sum of the others:
+        :math:`a + \log(1 + s')`, with :math:`s'` as returned by :meth:`sum_others`
+        (or :meth:`weights`) for ``d``.
+
+        The value is a function of ``a`` and ``d`` alone (:math:`\log \sum_j
+        e^{a + d_j}`); ``s`` is passed so that it need not be computed twice, and ``d``
+        and ``k`` so that an arithmetic can go back to the row where :math:`a` and
+        :math:`\log(1 + s')` cancel.
         """
         ...
 
@@ -135,9 +149,6 @@ class Fast:
     def div(self, a: F64, b: F64) -> F64:
         return np.divide(a, b)
 
-    def exp(self, a: F64) -> F64:
-        return np.exp(a)
-
     def log1p(self, a: F64) -> F64:
         return np.log1p(a)
 
@@ -165,13 +176,28 @@ class Fast:
     def approx(self, a: F64) -> F64:
         return a
 
-    def sum_except(self, a: F64, skip: npt.NDArray[np.intp]) -> F64:
-        total = np.sum(a, axis=-1, keepdims=True)
-        left_out = np.take_along_axis(a, skip[..., None], axis=-1)
-        return total - left_out
+    def sum_others(self, d: F64, k: npt.NDArray[np.intp]) -> F64:
+        return _sum_others(np.exp(d), k)
+
+    def weights(self, d: F64, k: npt.NDArray[np.intp]) -> tuple[F64, F64]:
+        e = np.exp(d)
+        s = _sum_others(e, k)
+        return e / (1.0 + s), s
+
+    def lse(self, a: F64, d: F64, k: npt.NDArray[np.intp], s: F64) -> F64:
+        return a + np.log1p(s)
 
     def result(self, a: F64) -> F64:
         return a
+
+
+def _sum_others(e: F64, k: npt.NDArray[np.intp]) -> F64:
+    """The sum of each row of ``e`` without its entry ``k``: the entry is set to 0 in a
+    copy and the row summed, so that a sum far below the left-out term (e^{d_k} = 1)
+    keeps its relative accuracy (``total - 1`` would lose it: fl(1 + 4e-18) - 1 = 0)."""
+    others = e.copy()
+    np.put_along_axis(others, k[..., None], 0.0, axis=-1)
+    return np.sum(others, axis=-1, keepdims=True)
 
 
 def get_arithmetic(precision: object) -> Arithmetic[Any]:

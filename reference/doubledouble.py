@@ -52,8 +52,14 @@ which is not small compared with a result near 0. Rows where
 mpmath at a working precision raised until the float64 rounding is settled (Ziv's
 strategy); other rows keep the double-double value, within 0.6 ulp. Such rows are rare
 (logsumexp of log-probabilities is one source) and cost microseconds per element. The
-recomputation follows each value's ``origin`` back to the input rows; values built
-otherwise (attention's logits, from ``matmul``) keep the double-double result there.
+recomputation starts from the values the operation :meth:`DoubleDouble.lse` is given, the
+maximum :math:`a` and the shifted row :math:`d` (exact for the softmax family's float64
+inputs; for attention's logits, double-doubles that carry their own error).
+
+No operation looks at how its operands were made: the softmax steps that need to know
+more than one value (the terms of a sum near the underflow threshold, the 26-bit high
+parts of ``exp`` that make the division cheap) are single operations of the arithmetic,
+:meth:`DoubleDouble.weights`, :meth:`DoubleDouble.sum_others` and :meth:`DoubleDouble.lse`.
 
 References
 ----------
@@ -81,6 +87,9 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.reference.eft import SPLITTER as _SPLITTER
+from attnspec.reference.eft import fast_two_sum, split, two_prod, two_sum
+
 __all__ = [
     "DD",
     "DoubleDouble",
@@ -89,10 +98,6 @@ __all__ = [
     "exp_rows",
     "expm1_precise",
     "extract_sum",
-    "fast_two_sum",
-    "split",
-    "two_product",
-    "two_sum",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -101,36 +106,22 @@ F64 = npt.NDArray[np.float64]
 class DD(NamedTuple):
     """A double-double number array: the exact value is ``hi + lo``.
 
-    ``lo`` is None when ``hi`` is exact. ``origin`` records how the value was made
-    (used only to recompute logsumexp rows that cancel; see the module docstring).
+    ``lo`` is None when ``hi`` is exact (a float64 value, as :meth:`DoubleDouble.lift`
+    makes it). Nothing else is recorded: an operation sees the value, never how it
+    was made.
     """
 
     hi: F64
     lo: F64 | None = None
-    origin: tuple[Any, ...] | None = None
 
 
 # ---------------------------------------------------------------------------
-# Error-free transformations
+# Error-free transformations (attnspec.reference.eft) on scratch arrays
 # ---------------------------------------------------------------------------
-
-_SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
-
-
-def two_sum(a: F64, b: F64) -> tuple[F64, F64]:
-    r"""TwoSum: ``s, e`` with :math:`s = \mathrm{fl}(a+b)` and :math:`a + b = s + e` exactly.
-
-    Knuth's six-operation algorithm (Ogita, Rump & Oishi 2005, Alg. 3.1); no condition on
-    the order of magnitudes. Exact whenever ``s`` does not overflow.
-    """
-    s = a + b
-    bb = s - a
-    e = (a - (s - bb)) + (b - bb)
-    return s, e
-
 
 def _two_sum_lean(a: F64, b: F64 | float, scratch: Scratch) -> tuple[F64, F64]:
-    """:func:`two_sum` with one scratch temporary and the result arrays only."""
+    """:func:`~attnspec.reference.eft.two_sum`, the same operations in the same order,
+    with one scratch temporary and the result arrays only."""
     shape = a.shape if np.shape(b) == a.shape else np.broadcast_shapes(a.shape, np.shape(b))
     s = np.add(a, b, out=scratch.fresh(shape))
     bb = np.subtract(s, a, out=scratch.get("twosum.bb", shape))
@@ -139,37 +130,6 @@ def _two_sum_lean(a: F64, b: F64 | float, scratch: Scratch) -> tuple[F64, F64]:
     np.subtract(b, bb, out=bb)
     e += bb
     return s, e
-
-
-def fast_two_sum(a: F64, b: F64) -> tuple[F64, F64]:
-    r"""Fast2Sum (Dekker 1971): as :func:`two_sum`, valid when :math:`|a| \ge |b|` (or a = 0)."""
-    s = a + b
-    e = (a - s) + b
-    return s, e
-
-
-def split(a: F64) -> tuple[F64, F64]:
-    r"""Veltkamp's splitting: :math:`a = a_1 + a_2`, each half with at most 26 significant bits.
-
-    Exact for :math:`|a| < 2^{995}` (so that :math:`(2^{27}+1)a` does not overflow).
-    """
-    c = _SPLITTER * a
-    a1 = c - (c - a)
-    return a1, a - a1
-
-
-def two_product(a: F64, b: F64) -> tuple[F64, F64]:
-    r"""TwoProduct (Dekker 1971): ``p, e`` with :math:`p = \mathrm{fl}(ab)` and :math:`ab = p + e`.
-
-    Exact when :math:`|a|, |b| < 2^{995}` and :math:`e` does not underflow (the exponents
-    of :math:`a` and :math:`b` sum to at least :math:`-1022 + 53`); otherwise the error
-    of :math:`p + e` is at most a few subnormal ulps.
-    """
-    p = a * b
-    a1, a2 = split(a)
-    b1, b2 = split(b)
-    e = ((a1 * b1 - p) + a1 * b2 + a2 * b1) + a2 * b2
-    return p, e
 
 
 def _lo(x: DD) -> F64 | float:
@@ -249,7 +209,7 @@ def dd_mul(a: DD, b: DD) -> DD:
     Relative error at most about :math:`5u^2` (the dropped :math:`a_{lo}b_{lo}` and three
     roundings of terms of size :math:`u`), within the range of :func:`two_product`.
     """
-    p, e = two_product(a.hi, b.hi)
+    p, e = two_prod(a.hi, b.hi)
     lo = e + (a.hi * _lo(b) + _lo(a) * b.hi)
     hi, lo = fast_two_sum(p, lo)
     return DD(hi, lo)
@@ -494,11 +454,11 @@ def expm1_precise(y: F64) -> DD:
     # terms in double-double (TwoProduct), the rest (below 2**-38.8 |r|) in float64.
     r_h, r_l = r.hi, r.lo
     assert r_l is not None
-    sq_h, sq_l = two_product(r_h, r_h)
+    sq_h, sq_l = two_prod(r_h, r_h)
     sq_l += 2.0 * r_h * r_l
-    c_h, c_l = two_product(sq_h, r_h)
+    c_h, c_l = two_prod(sq_h, r_h)
     c_l += sq_l * r_h + sq_h * r_l
-    t_h, t_l = two_product(c_h, np.full_like(y, _FACT_HI[3]))
+    t_h, t_l = two_prod(c_h, np.full_like(y, _FACT_HI[3]))
     t_l += c_h * _FACT_LO[3] + c_l * _FACT_HI[3]
     tail = np.full_like(y, _FACT_HI[10])
     for k in range(9, 3, -1):
@@ -596,30 +556,57 @@ def _extract(rest: F64, t: F64, big: F64, m: int, levels: int) -> list[F64]:
 # ---------------------------------------------------------------------------
 
 
-def _recompute_lse(x_rows: F64, a_rows: F64, k_rows: npt.NDArray[np.intp]) -> tuple[F64, F64]:
+def _recompute_lse(
+    d_hi: F64, d_lo: F64, a_hi: F64, a_lo: F64, k_rows: npt.NDArray[np.intp]
+) -> tuple[F64, F64]:
     r"""logsumexp of whole rows in mpmath, precision raised until the rounding is settled.
 
-    :math:`a + \log(1 + \sum_{j \ne k} e^{x_j - a})` at ``dps`` digits has absolute error
-    below :math:`10^{4-\mathrm{dps}}(1 + |a| + \log n)`; the row is accepted when that is
-    below :math:`2^{-56}|r|`, so its float64 rounding is within :math:`1/2 + 1/8` ulp.
-    The value is never exactly 0 for such rows (Lindemann-Weierstrass), so the loop ends.
+    Row :math:`r` holds the exact shifted values :math:`d_j = d^{hi}_j + d^{lo}_j` and
+    the exact maximum :math:`a = a^{hi} + a^{lo}`. :math:`a + \log(1 + \sum_{j \ne k}
+    e^{d_j})` at ``dps`` digits has absolute error below
+    :math:`10^{4-\mathrm{dps}}(1 + |a| + \log n)`; the row is accepted when that is below
+    :math:`2^{-56}|r|`, so its float64 rounding is within :math:`1/2 + 1/8` ulp. The value
+    is never exactly 0 for such rows (Lindemann-Weierstrass), so the loop ends.
     """
-    out_hi = np.empty(len(a_rows))
-    out_lo = np.empty(len(a_rows))
-    for i, (row, a, k) in enumerate(zip(x_rows, a_rows, k_rows, strict=True)):
+    out_hi = np.empty(len(a_hi))
+    out_lo = np.empty(len(a_hi))
+    for i in range(len(a_hi)):
         dps = 40
         while True:
             with mpmath.workdps(dps):
-                am = mpmath.mpf(float(a))
-                terms = [mpmath.exp(mpmath.mpf(float(v)) - am) for j, v in enumerate(row) if j != k]
+                am = mpmath.mpf(float(a_hi[i])) + mpmath.mpf(float(a_lo[i]))
+                terms = [
+                    mpmath.exp(mpmath.mpf(float(h)) + mpmath.mpf(float(lo)))
+                    for j, (h, lo) in enumerate(zip(d_hi[i], d_lo[i], strict=True))
+                    if j != k_rows[i]
+                ]
                 r = am + mpmath.log1p(mpmath.fsum(terms))
-                bound = mpmath.mpf(10) ** (4 - dps) * (1 + abs(am) + mpmath.log(len(row) + 1))
+                bound = mpmath.mpf(10) ** (4 - dps) * (1 + abs(am) + mpmath.log(len(terms) + 2))
                 if abs(r) * mpmath.mpf(2) ** -56 > bound or dps > 5000:
                     out_hi[i] = float(r)
                     out_lo[i] = float(r - mpmath.mpf(out_hi[i]))
                     break
             dps *= 2
     return out_hi, out_lo
+
+
+def _reciprocal(b: DD) -> tuple[F64, F64]:
+    r""":math:`1/b` in double-double by one Newton step.
+
+    :math:`q = \mathrm{fl}(1/b_{hi})`, :math:`\rho = 1 - bq` (exact by TwoProduct and
+    Sterbenz, then :math:`-b_{lo}q`), :math:`1/b \approx q + \rho q`: relative error
+    about :math:`2^{-104}`. For the softmax the divisor is :math:`1 + s' \ge 1`.
+    """
+    q = 1.0 / b.hi
+    p, e = two_prod(b.hi, q)
+    rho = ((1.0 - p) - e) - _lo(b) * q
+    return fast_two_sum(q, rho * q)
+
+
+def _near_underflow(d: DD) -> bool:
+    """Whether some :math:`e^{d_j}` lies below :math:`2^{-969}` (some :math:`d_j < -669`),
+    where a double-double cannot hold its low part (see :func:`_round_small_products`)."""
+    return bool(d.hi.size) and float(np.min(d.hi)) < -669.0
 
 
 def _times_power_of_two(a: DD, b: DD) -> DD | None:
@@ -680,7 +667,7 @@ def _round_small_products(a: DD, r_hi: F64, r_lo: F64, hi: F64, lo: F64) -> None
     al_s = np.ldexp(np.broadcast_to(_lo(a), shape)[sel], _LIFT)
     rh = np.broadcast_to(r_hi, shape)[sel]
     rl = np.broadcast_to(r_lo, shape)[sel]
-    p, e = two_product(a_s, rh)
+    p, e = two_prod(a_s, rh)
     e += a_s * rl + al_s * rh
     p, e = fast_two_sum(p, e)  # |e| <= ulp(p)/2: the rounding below moves p at most one step
     # ldexp rounds to the subnormal grid; underflow to 0 is a correct rounding.
@@ -715,34 +702,19 @@ class DoubleDouble:
         return DD(x, None)
 
     def add(self, a: DD, b: DD) -> DD:
-        """:func:`dd_add_sloppy`; logsumexp rows that cancel are recomputed (module doc)."""
-        out = dd_add_sloppy(a, b, self._scratch)
-        if b.origin is not None and b.origin[0] == "log1p" and a.lo is None:
-            return self._settle_lse(a, b, out)
-        return out
+        """:func:`dd_add_sloppy`."""
+        return dd_add_sloppy(a, b, self._scratch)
 
     def sub(self, a: DD, b: DD) -> DD:
         """:func:`dd_add_sloppy` of ``a`` and ``-b``: exact for float64 operands."""
-        out = dd_add_sloppy(a, _neg(b), self._scratch)
-        if a.lo is None and b.lo is None:
-            # the shift d = x - a: remember x for the logsumexp recomputation
-            return DD(out.hi, out.lo, ("shift", a.hi, b.hi))
-        return out
+        return dd_add_sloppy(a, _neg(b), self._scratch)
 
     def div(self, a: DD, b: DD) -> DD:
-        r"""``a / b`` as ``a * (1/b)``; :math:`1/b` in double-double by one Newton step.
+        r"""``a / b`` as ``a * (1/b)`` (:func:`_reciprocal`).
 
-        :math:`q = \mathrm{fl}(1/b_{hi})`, :math:`\rho = 1 - bq` (exact by TwoProduct and
-        Sterbenz, then :math:`-b_{lo}q`), :math:`1/b \approx q + \rho q`: relative error
-        about :math:`2^{-104}`. The product with ``a`` (:func:`dd_mul`) adds about
-        :math:`5u^2`. For the softmax the divisor is :math:`1 + s' \ge 1`.
+        The product with ``a`` (:func:`dd_mul`) adds about :math:`5u^2`.
         """
-        q = 1.0 / b.hi
-        p, e = two_product(b.hi, q)
-        rho = ((1.0 - p) - e) - _lo(b) * q
-        r_hi, r_lo = fast_two_sum(q, rho * q)
-        if a.origin is not None and a.origin[0] == "exp":
-            return self._div_split(a, r_hi, r_lo)
+        r_hi, r_lo = _reciprocal(b)
         # a * (r_hi + r_lo): TwoProduct of the high parts (Dekker, written out to reuse
         # scratch arrays), the cross terms in float64; not renormalized (result() rounds
         # hi + lo in one addition).
@@ -767,16 +739,13 @@ class DoubleDouble:
         if a.lo is not None:
             np.multiply(a.lo, r_hi, out=t)
             lo += t
-        if a.origin is not None and a.origin[0] == "exp":
-            near_underflow = bool(a.origin[2])
-        else:
-            near_underflow = bool(np.any(np.abs(a.hi) < _NEAR_UNDERFLOW))
-        if near_underflow:
+        if np.any(np.abs(a.hi) < _NEAR_UNDERFLOW):
             _round_small_products(a, r_hi, r_lo, hi, lo)
         return DD(hi, lo)
 
-    def _div_split(self, a: DD, r_hi: F64, r_lo: F64) -> DD:
-        r"""``a * (r_hi + r_lo)`` for ``a`` from :meth:`exp`, whose ``hi`` has 26 bits.
+    def _times_reciprocal(self, a: DD, r_hi: F64, r_lo: F64, near_underflow: bool) -> DD:
+        r"""``a * (r_hi + r_lo)`` for ``a`` as :func:`exp_rows` returns it: ``hi`` with at
+        most 26 significant bits, :math:`|lo| \le 2^{-25} hi`.
 
         With :math:`r_{hi} = b_1 + b_2` (Veltkamp, 26-bit :math:`b_1`), the product
         :math:`a_{hi} b_1` is exact, and :math:`a_{hi}(b_2 + r_{lo}) + a_{lo} r_{hi}` are
@@ -792,7 +761,7 @@ class DoubleDouble:
         lo = np.multiply(a.hi, rest, out=ws.fresh(shape))
         t = np.multiply(_lo(a), r_hi, out=ws.get("div.t", shape))
         lo += t
-        if a.origin is not None and a.origin[2]:  # entries below 2**-969 (see div)
+        if near_underflow:  # entries below 2**-969 (see div)
             _round_small_products(a, r_hi, r_lo, hi, lo)
         return DD(hi, lo)
 
@@ -810,7 +779,7 @@ class DoubleDouble:
         # inf * 0, inf - inf and the splitting's overflow for huge operands make NaN
         # or inf error terms: they are replaced by 0 just below.
         with np.errstate(invalid="ignore", over="ignore"):
-            p, e = two_product(a.hi, b.hi)
+            p, e = two_prod(a.hi, b.hi)
             if a.lo is not None or b.lo is not None:
                 e = e + (a.hi * _lo(b) + _lo(a) * b.hi)
         bad = ~np.isfinite(e)
@@ -868,10 +837,64 @@ class DoubleDouble:
         return self.result(a)
 
     def exp(self, a: DD) -> DD:
-        hi, lo = exp_rows(a.hi, a.lo, self._scratch)
-        # results below 2**-969 (arguments below -669) need care in div
-        near_underflow = bool(a.hi.size) and float(np.min(a.hi)) < -669.0
-        return DD(hi, lo, ("exp", a, near_underflow))
+        """:func:`exp_rows`: ``hi`` split to 26 significant bits."""
+        return DD(*exp_rows(a.hi, a.lo, self._scratch))
+
+    # -- the softmax of a shifted row (reference/softmax.py, normalise) --------------
+
+    def sum_others(self, d: DD, k: npt.NDArray[np.intp]) -> DD:
+        r""":math:`s' = \sum_{j \ne k} e^{d_j}` (:meth:`_sum_others`)."""
+        return self._sum_others(self.exp(d), d, k)
+
+    def weights(self, d: DD, k: npt.NDArray[np.intp]) -> tuple[DD, DD]:
+        r""":math:`p_j = e^{d_j} / (1 + s')` and :math:`s'`.
+
+        :math:`e^{d_j}` by :func:`exp_rows` (26-bit ``hi``), :math:`s'` by
+        :meth:`_sum_others`, :math:`1 + s'` by :func:`dd_add_sloppy` (exact high part:
+        TwoSum), its reciprocal by :func:`_reciprocal`, and the product by
+        :meth:`_times_reciprocal` (four passes, exact high product).
+        """
+        e = self.exp(d)
+        s = self._sum_others(e, d, k)
+        one = DD(np.ones((1,) * e.hi.ndim), None)
+        r_hi, r_lo = _reciprocal(dd_add_sloppy(one, s, self._scratch))
+        return self._times_reciprocal(e, r_hi, r_lo, _near_underflow(d)), s
+
+    def lse(self, a: DD, d: DD, k: npt.NDArray[np.intp], s: DD) -> DD:
+        r""":math:`a + \log(1 + s')` (:meth:`log1p`, :func:`dd_add_sloppy`); rows where the
+        two cancel are evaluated again from ``a`` and ``d`` (:func:`_recompute_lse`).
+
+        The absolute error of :math:`\log(1 + s')` is about :math:`2^{-62.5}\min(1, s')`:
+        not small next to a result near 0. Rows with
+        :math:`|\mathrm{LSE}| < 2^{-6} s'/(1 + s')` are therefore recomputed in mpmath
+        from the exact values :math:`a` and :math:`d_j` at a working precision raised
+        until the float64 rounding is settled (Ziv's strategy).
+        """
+        out = dd_add_sloppy(a, self.log1p(s), self._scratch)
+        s_hi = np.broadcast_to(s.hi, out.hi.shape)
+        with np.errstate(divide="ignore"):
+            need = (s_hi > 0) & (np.abs(out.hi) < 2.0**-6 * s_hi / (1.0 + s_hi))
+        if not need.any():
+            return out
+        n = d.hi.shape[-1]
+        rows = np.flatnonzero(need)
+        full = (*out.hi.shape[:-1], n)
+
+        def flat(x: F64 | float, shape: tuple[int, ...], width: int) -> F64:
+            return np.broadcast_to(np.asarray(x, dtype=np.float64), shape).reshape(-1, width)
+
+        hi, lo = _recompute_lse(
+            flat(d.hi, full, n)[rows],
+            flat(_lo(d), full, n)[rows],
+            flat(a.hi, out.hi.shape, 1)[rows, 0],
+            flat(_lo(a), out.hi.shape, 1)[rows, 0],
+            np.broadcast_to(k, out.hi.shape[:-1]).reshape(-1)[rows],
+        )
+        out_hi = out.hi.copy()
+        out_lo = np.array(np.broadcast_to(_lo(out), out_hi.shape))
+        out_hi.reshape(-1)[rows] = hi
+        out_lo.reshape(-1)[rows] = lo
+        return DD(out_hi, out_lo)
 
     def log1p(self, a: DD) -> DD:
         r"""``log(1 + a)`` for :math:`a \ge 0` (one value per row): Newton on expm1.
@@ -898,20 +921,20 @@ class DoubleDouble:
         c = w.hi / (1.0 + m.hi)
         c -= 0.5 * c * c
         hi, lo = fast_two_sum(y0, c)
-        return DD(hi, lo, ("log1p", a))
+        return DD(hi, lo)
 
-    def sum_except(self, a: DD, skip: npt.NDArray[np.intp]) -> DD:
-        r""":func:`extract_sum` of ``a`` with the entry ``skip`` of each row set to 0.
+    def _sum_others(self, e: DD, d: DD, skip: npt.NDArray[np.intp]) -> DD:
+        r""":func:`extract_sum` of the terms :math:`e = e^{d}` with the entry ``skip`` of
+        each row set to 0.
 
         Terms of ``exp`` below :math:`2^{-969}` were rounded to the subnormal grid one by
         one; many of them would add up those roundings (log_softmax of the max, and
         logsumexp, are :math:`\approx s'` when :math:`s'` is tiny). For such blocks the
-        terms are recomputed at scale :math:`2^{600}` (exactly, by ``exp_rows``' lift),
-        summed, and scaled back with one rounding.
+        terms are recomputed from ``d`` at scale :math:`2^{600}` (exactly, by
+        ``exp_rows``' lift), summed, and scaled back with one rounding.
         """
-        terms, lift = a, 0
-        if a.origin is not None and a.origin[0] == "exp" and a.origin[2]:
-            d = a.origin[1]
+        terms, lift = e, 0
+        if _near_underflow(d):
             lift = _LIFT
             terms = DD(*exp_rows(d.hi, d.lo, self._scratch, lift=lift))
         hi = self._scratch.get("sum.hi", terms.hi.shape)
@@ -930,42 +953,9 @@ class DoubleDouble:
             with np.errstate(under="ignore"):
                 s_hi, s_lo = fast_two_sum(s.hi, s.lo)  # type: ignore[arg-type]
                 s = DD(np.ldexp(s_hi, -lift), np.ldexp(s_lo, -lift))
-        return DD(s.hi, s.lo, ("sum", a, skip))
+        return s
 
     def result(self, a: DD) -> F64:
         if a.lo is None:
             return a.hi
         return a.hi + a.lo  # one IEEE addition: the correctly rounded value of hi + lo
-
-    def _settle_lse(self, a: DD, log_s: DD, out: DD) -> DD:
-        s = log_s.origin[1] if log_s.origin else None
-        s_hi = np.broadcast_to(s.hi if s is not None else log_s.hi, out.hi.shape)
-        with np.errstate(divide="ignore"):
-            need = (s_hi > 0) & (np.abs(out.hi) < 2.0**-6 * s_hi / (1.0 + s_hi))
-        if not need.any():
-            return out
-        chain = _lse_inputs(log_s)
-        if chain is None:
-            return out
-        x, k = chain
-        rows = np.nonzero(need.reshape(need.shape[0], -1).any(axis=-1))[0]
-        hi, lo = _recompute_lse(x[rows], a.hi.reshape(len(a.hi), -1)[rows, 0], k[rows])
-        out_hi = out.hi.copy()
-        out_lo = out.lo.copy() if out.lo is not None else np.zeros_like(out_hi)
-        out_hi.reshape(len(out_hi), -1)[rows, 0] = hi
-        out_lo.reshape(len(out_lo), -1)[rows, 0] = lo
-        return DD(out_hi, out_lo)
-
-
-def _lse_inputs(log_s: DD) -> tuple[F64, npt.NDArray[np.intp]] | None:
-    """The rows x and max positions k behind ``log1p(sum_except(exp(x - a), k))``."""
-    try:
-        s = log_s.origin[1]  # type: ignore[index]
-        e, k = s.origin[1], s.origin[2]
-        d = e.origin[1]
-        tag, x, _a = d.origin
-    except (TypeError, IndexError, AttributeError):
-        return None
-    if tag != "shift":
-        return None
-    return np.asarray(x), np.asarray(k)

@@ -48,12 +48,12 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["fast_two_sum", "split", "two_prod", "two_sum"]
+__all__ = ["SPLITTER", "fast_two_sum", "split", "two_prod", "two_sum"]
 
 F64 = npt.NDArray[np.float64]
 
 #: Veltkamp's splitting constant for float64, :math:`2^{\lceil 53/2 \rceil} + 1`.
-_SPLITTER = 134217729.0  # 2**27 + 1
+SPLITTER = 134217729.0  # 2**27 + 1
 
 
 def two_sum(a: F64, b: F64) -> tuple[F64, F64]:
@@ -83,7 +83,7 @@ def split(a: F64) -> tuple[F64, F64]:
 
     Exact for ``|a| < 2**996``.
     """
-    c = _SPLITTER * a
+    c = SPLITTER * a
     h = c - (c - a)
     return h, a - h
 
@@ -97,5 +97,9 @@ def two_prod(a: F64, b: F64) -> tuple[F64, F64]:
     p = np.multiply(a, b)
     ah, al = split(a)
     bh, bl = split(b)
-    e = al * bl - (((p - ah * bh) - al * bh) - ah * bl)
+    # Dekker's order: the first three terms cancel p exactly, the last adds al * bl.
+    # (Ogita, Rump & Oishi's Alg. 3.3 writes the same sum the other way round; the two
+    # agree wherever the result is exact, and this order is the one whose signed zeros
+    # the double-double arithmetic's quick products reproduce.)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
     return p, e

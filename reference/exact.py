@@ -67,9 +67,6 @@ class Exact:
     def div(self, a: ObjArray, b: ObjArray) -> ObjArray:
         return a / b
 
-    def exp(self, a: ObjArray) -> ObjArray:
-        return np.asarray(_exp(a), dtype=object)
-
     def log1p(self, a: ObjArray) -> ObjArray:
         return np.asarray(_log1p(a), dtype=object)
 
@@ -102,15 +99,27 @@ class Exact:
     def approx(self, a: ObjArray) -> npt.NDArray[np.float64]:
         return to_float64(a)
 
-    def sum_except(self, a: ObjArray, skip: npt.NDArray[np.intp]) -> ObjArray:
-        kept = a.copy()
-        np.put_along_axis(kept, skip[..., None], mpmath.mpf(0), axis=-1)
-        # fsum adds exactly and rounds once.
-        sums = [mpmath.fsum(row) for row in kept.reshape(-1, kept.shape[-1])]
-        return np.array(sums, dtype=object).reshape((*kept.shape[:-1], 1))
+    def sum_others(self, d: ObjArray, k: npt.NDArray[np.intp]) -> ObjArray:
+        return _sum_others(np.asarray(_exp(d), dtype=object), k)
+
+    def weights(self, d: ObjArray, k: npt.NDArray[np.intp]) -> tuple[ObjArray, ObjArray]:
+        e = np.asarray(_exp(d), dtype=object)
+        s = _sum_others(e, k)
+        return e / (1 + s), s
+
+    def lse(self, a: ObjArray, d: ObjArray, k: npt.NDArray[np.intp], s: ObjArray) -> ObjArray:
+        return a + np.asarray(_log1p(s), dtype=object)
 
     def result(self, a: ObjArray) -> ObjArray:
         return a
+
+
+def _sum_others(e: ObjArray, k: npt.NDArray[np.intp]) -> ObjArray:
+    """Each row of ``e`` summed without its entry ``k``: exactly, rounded once (fsum)."""
+    kept = e.copy()
+    np.put_along_axis(kept, k[..., None], mpmath.mpf(0), axis=-1)
+    sums = [mpmath.fsum(row) for row in kept.reshape(-1, kept.shape[-1])]
+    return np.array(sums, dtype=object).reshape((*kept.shape[:-1], 1))
 
 
 def _check_dps(dps: object) -> int:

@@ -195,54 +195,22 @@ def _rows(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithme
 
 
 def _block(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithmetic[Any]) -> Any:
-    """The definition, on a block of rows of length n >= 1."""
+    """The definition (:func:`normalise`), on a block of rows of length n >= 1."""
     if where is not None:
         # Excluded entries become -inf: weight 0, whatever they held.
         x = np.where(where, x, -np.inf)
-    # k: one position of the maximum a in each row (the first NaN, if any).
-    k = np.argmax(x, axis=-1)
-    a = np.take_along_axis(x, k[:, None], axis=-1)
-
-    # Rows whose maximum is not finite are decided by the rules in the docstring.
-    # They are evaluated on a finite stand-in row and overwritten below.
-    top = a[:, 0]
-    special = ~np.isfinite(top)
-    if special.any():
-        nan_rows = np.isnan(top)
-        posinf_rows = top == np.inf
-        empty_rows = top == -np.inf
-        x = x.copy()
-        a = a.copy()
-        # +inf rows: the limit is softmax over the infinite entries, taken as equal.
-        x[posinf_rows] = np.where(x[posinf_rows] == np.inf, 0.0, -np.inf)
-        x[nan_rows | empty_rows] = 0.0
-        a[special] = 0.0
-
-    d = arith.sub(arith.lift(x), arith.lift(a))  # d_j = x_j - a; d_k = 0
-    e = arith.exp(d)  # e^{d_j}; e^{d_k} = 1
-    s = arith.sum_except(e, k)  # s' = sum_{j != k} e^{d_j}
-    if kind == "softmax":
-        one = arith.lift(np.ones((1, 1)))
-        out = arith.result(arith.div(e, arith.add(one, s)))
-    elif kind == "log_softmax":
-        out = arith.result(arith.sub(d, arith.log1p(s)))
-    else:
-        out = arith.result(arith.add(arith.lift(a), arith.log1p(s)))[:, 0]
-
-    if special.any():
-        out = np.array(out, copy=True)
-        empty_value = {"softmax": 0.0, "log_softmax": -np.inf, "logsumexp": -np.inf}[kind]
-        out[empty_rows] = empty_value
-        out[nan_rows] = np.nan
-        if kind == "logsumexp":
-            out[posinf_rows] = np.inf
-    return out
+    name = "lse" if kind == "logsumexp" else kind
+    out = arith.result(normalise(arith, arith.lift(x), x, (name,))[name])
+    return out[:, 0] if kind == "logsumexp" else out
 
 
 def normalise(
     arith: Arithmetic[Any], logits: Any, approx: F64, want: tuple[str, ...]
 ) -> dict[str, Any]:
     """The definition on numbers of ``arith``: softmax, log_softmax and LSE of each row.
+
+    The one place where the definition and its special rows are written: the softmax
+    family (:func:`softmax`, ...) and :func:`attnspec.sdpa` both call it.
 
     ``logits`` holds numbers of the arithmetic, shape (..., n) with n >= 1, excluded
     entries already -inf; ``approx`` the same values rounded to float64 (used only to
@@ -275,16 +243,16 @@ def normalise(
 
     a = arith.take(logits, k)  # the maximum term, shape (..., 1)
     d = arith.sub(logits, a)  # d_j = x_j - a; d_k = 0
-    e = arith.exp(d)  # e^{d_j}; e^{d_k} = 1
-    s = arith.sum_except(e, k)  # s' = sum_{j != k} e^{d_j}
     out: dict[str, Any] = {}
-    log1p_s = arith.log1p(s) if ("log_softmax" in want or "lse" in want) else None
     if "softmax" in want:
-        out["softmax"] = arith.div(e, arith.add(arith.lift(np.ones((1,) * np.ndim(approx))), s))
+        # p_j = e^{d_j} / (1 + s'), s' = sum_{j != k} e^{d_j}
+        out["softmax"], s = arith.weights(d, k)
+    else:
+        s = arith.sum_others(d, k)
     if "log_softmax" in want:
-        out["log_softmax"] = arith.sub(d, log1p_s)
+        out["log_softmax"] = arith.sub(d, arith.log1p(s))  # d_j - log(1 + s')
     if "lse" in want:
-        out["lse"] = arith.add(a, log1p_s)
+        out["lse"] = arith.lse(a, d, k, s)  # a + log(1 + s')
 
     if special.any():
         rules = {

@@ -1,32 +1,18 @@
 """The double-double primitives of attnspec.reference.doubledouble, against exact values.
 
-Exactness claims (TwoSum, TwoProduct) are checked with rational arithmetic
-(fractions.Fraction holds every float64 exactly). Error bounds are the ones derived in
+Error bounds are the ones derived in
 the docstrings of reference/doubledouble.py; expected values come from mpmath at 60
 digits, far beyond the bounds checked (2**-106 is about 1e-32).
 """
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
 
 from attnspec.reference import doubledouble as ddm
 from attnspec.reference.doubledouble import DD, DoubleDouble
-
-finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
-# TwoProduct is exact when no partial product underflows: keep exponents in [-400, 400].
-moderate = st.one_of(
-    st.just(0.0),
-    st.floats(min_value=2.0**-400, max_value=2.0**400),
-    st.floats(min_value=-(2.0**400), max_value=-(2.0**-400)),
-)
 
 
 def _rel(dd_hi: float, dd_lo: float, exact: object) -> float:
@@ -36,49 +22,8 @@ def _rel(dd_hi: float, dd_lo: float, exact: object) -> float:
         return float(abs(mpmath.mpf(dd_hi) + mpmath.mpf(dd_lo) - y) / abs(y))
 
 
-@given(finite, finite)
-@example(1.0, 2.0**-60)
-@example(1e300, -1e300)
-@example(2.0**-1074, 1.0)
-def test_two_sum_is_exact(a: float, b: float) -> None:
-    s, e = ddm.two_sum(np.float64(a), np.float64(b))
-    assert Fraction(float(s)) + Fraction(float(e)) == Fraction(a) + Fraction(b)
-    assert s == a + b
-
-
-@given(finite, finite)
-def test_fast_two_sum_is_exact_when_ordered(a: float, b: float) -> None:
-    big, small = (a, b) if abs(a) >= abs(b) else (b, a)
-    s, e = ddm.fast_two_sum(np.float64(big), np.float64(small))
-    assert Fraction(float(s)) + Fraction(float(e)) == Fraction(a) + Fraction(b)
-
-
-@given(moderate, moderate)
-@example(1.0 + 2.0**-52, 1.0 - 2.0**-52)
-@example(134217729.0, 134217729.0)
-def test_two_product_is_exact(a: float, b: float) -> None:
-    p, e = ddm.two_product(np.float64(a), np.float64(b))
-    assert Fraction(float(p)) + Fraction(float(e)) == Fraction(a) * Fraction(b)
-    assert p == a * b
-
-
-def _significant_bits(x: float) -> int:
-    mant = int(math.frexp(abs(x))[0] * 2**53)
-    while mant and mant % 2 == 0:
-        mant //= 2
-    return mant.bit_length()
-
-
-@given(moderate)
-@example(1.0 - 2.0**-53)
-@example(1.0 + 2.0**-52)
-def test_split_halves_are_exact_and_short(a: float) -> None:
-    a1, a2 = ddm.split(np.float64(a))
-    assert Fraction(float(a1)) + Fraction(float(a2)) == Fraction(a)
-    # Veltkamp: the high half has at most 26 bits, the low half at most 26 (its sign
-    # carries the 53rd), so each half-product in TwoProduct is exact.
-    assert _significant_bits(float(a1)) <= 26
-    assert _significant_bits(float(a2)) <= 26
+# The error-free transformations themselves (TwoSum, Fast2Sum, Veltkamp's split,
+# TwoProduct) live in attnspec.reference.eft and are tested in tests/test_matmul.py.
 
 
 def test_exp_rows_relative_error_below_derived_bound() -> None:

@@ -126,6 +126,8 @@ finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_
 @example(1e300, -1e-300)
 @example(0.1, 0.2)
 @example(2.0**-1074, -(2.0**-1074))
+@example(1.0, 2.0**-60)
+@example(2.0**-1074, 1.0)
 def test_two_sum_is_exact(a: float, b: float) -> None:
     s, e = eft.two_sum(np.float64(a), np.float64(b))
     assert float(s) == a + b
@@ -146,6 +148,7 @@ bounded = st.floats(min_value=-(2.0**990), max_value=2.0**990, allow_nan=False)
 @given(bounded)
 @example(1.0 + 2.0**-52)
 @example(-(2.0**990) * (2 - 2.0**-52))
+@example(1.0 - 2.0**-53)
 def test_split_is_exact_with_26_bit_head(a: float) -> None:
     h, lo = eft.split(np.float64(a))
     assert _fr(h) + _fr(lo) == _fr(a)
@@ -157,6 +160,7 @@ def test_split_is_exact_with_26_bit_head(a: float) -> None:
 @given(bounded, bounded)
 @example(1.0 + 2.0**-52, 1.0 - 2.0**-53)
 @example(0.1, 10.0)
+@example(134217729.0, 134217729.0)
 def test_two_prod_is_exact_above_the_underflow_threshold(a: float, b: float) -> None:
     prod = _fr(a) * _fr(b)
     # the documented range: no overflow, error term above the subnormals (Boldo 2006)

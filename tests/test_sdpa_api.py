@@ -235,3 +235,16 @@ def test_low_precision_and_integer_inputs_are_read_exactly(dtype: str) -> None:
     low = attnspec.sdpa(q.astype(dt), k.astype(dt), v.astype(dt))
     assert low.dtype == np.float64
     assert np.array_equal(low, attnspec.sdpa(q, k, v))
+
+
+def test_accurate_lse_that_cancels_to_near_zero_is_within_one_ulp() -> None:
+    # Issue 7, item 1: the two logits -5 and log1p(-e^-5) (a float64 rounding of it) have
+    # lse log(e^-5 + e^{log1p(-e^-5)}) = 4.121221970914226952e-19 (mpmath at 50 digits).
+    # Before the arithmetic's lse went back to the row, sdpa gave 4.1204065654482746e-19.
+    import math
+
+    b = np.array([-5.0, math.log1p(-math.exp(-5.0))])
+    _, lse = attnspec.sdpa(
+        np.zeros((1, 1)), np.zeros((2, 1)), np.ones((2, 1)), bias=b, return_lse=True
+    )
+    assert float(lse[0]) == 4.121221970914227e-19

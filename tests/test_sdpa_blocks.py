@@ -40,14 +40,16 @@ def _transcription(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1-8 with nothing hidden, in plain float64 numpy, one block of rows at a time:
     the operations Fast performs, in its order (scale after the product; the max term
-    left out of the sum; 1 + s' as the denominator; log1p(s') for the lse)."""
+    set to 0 in a copy and the row summed; 1 + s' as the denominator; log1p(s') for the lse)."""
     outs, lses = [], []
     for start in range(0, q.shape[-2], rows_per_block):
         s = np.matmul(q[..., start : start + rows_per_block, :], np.swapaxes(k, -1, -2)) * tau
         top = np.argmax(s, axis=-1)[..., None]
         a = np.take_along_axis(s, top, axis=-1)
         e = np.exp(s - a)
-        rest = np.sum(e, axis=-1, keepdims=True) - np.take_along_axis(e, top, axis=-1)
+        others = e.copy()
+        np.put_along_axis(others, top, 0.0, axis=-1)
+        rest = np.sum(others, axis=-1, keepdims=True)
         outs.append(np.matmul(e / (1.0 + rest), v))
         lses.append((a + np.log1p(rest))[..., 0])
     return np.concatenate(outs, axis=-2), np.concatenate(lses, axis=-1)

@@ -203,3 +203,35 @@ def test_accurate_is_faithful_on_random_hard_rows(
 ) -> None:
     x, where = row
     assert_faithful(kind, x, where)
+
+
+# --- the fast path's sum of the others (issue 6) -----------------------------------------
+# Rows whose other terms are far below the maximum's e^0 = 1: the benchmark's cancelling
+# rows (benchmarks/softmax_bench.py, adversarial_rows) and scipy's regression case gh-18295.
+TINY_OTHERS = [[0.0, -40.0], [0.0, -720.0], [0.0, -745.0], [3.0, -50.0, -60.0]]
+
+
+def test_fast_logsumexp_of_0_and_minus_40_keeps_the_tiny_sum() -> None:
+    # log1p(e^-40) = 4.24835425529158898630e-18 (mpmath at 50 digits), correctly rounded
+    # to 4.248354255291589e-18; scipy.special.logsumexp returns it too (scipy gh-18295).
+    got = float(attnspec.logsumexp(np.array([0.0, -40.0]), precision="fast"))
+    assert got == 4.248354255291589e-18
+
+
+@pytest.mark.parametrize("row", TINY_OTHERS, ids=str)
+def test_fast_results_of_rows_with_tiny_others_meet_the_relative_bound(row: list[float]) -> None:
+    from attnspec.spec.properties.softmax import attnspec_family, check_agreement
+    from attnspec.spec.tolerances.softmax import error_bound
+
+    x = np.array(row)
+    check_agreement(attnspec_family("fast"), x)
+    # and the bound is relative: it would not let log_softmax at the maximum (about -s')
+    # or logsumexp (about a + s') come out as -0 or a with s' lost. (Not where s' is
+    # subnormal, e^-745: there the bound is the absolute (n + 2) 2**-1074 of underflow.)
+    with mpmath.workdps(50):
+        s = mpmath.fsum(mpmath.exp(mpmath.mpf(v) - mpmath.mpf(row[0])) for v in row[1:])
+    for kind in ("log_softmax", "logsumexp"):
+        rel, absolute = error_bound(kind, "fast", x[None, :], np.ones((1, len(row)), dtype=bool))
+        allowed = float(rel[0, 0]) * (abs(row[0]) + float(s)) + float(absolute[0, 0])
+        if row[0] == 0.0 and s > 2.0**-1022:
+            assert allowed < float(s) / 2, (kind, allowed, float(s))

@@ -27,7 +27,6 @@ __all__ = [
     "log_softmax_fast_bound",
     "logsumexp_fast_bound",
     "perturbed_softmax_factor",
-    "r_elem_unclamped",
     "row_ranges",
     "softmax_fast_bound",
     "sum_to_one_bound",
@@ -170,10 +169,9 @@ def softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F6
     * :math:`\hat d_j = d_j(1 + \delta)` perturbs :math:`e_j` by the factor
       :math:`e^{r_j u}`, and ``exp`` adds :math:`2u`: :math:`\hat e_j = e_j(1 +
       \epsilon_j)`, :math:`|\epsilon_j| \le (r_j + 2)u`.
-    * The sum of :math:`n` nonnegative terms in any order: :math:`\gamma_{n-1}` (Higham
-      2002, eq. (4.4)); forming :math:`s' = T - 1` and :math:`1 + s'` adds at most two
-      roundings (none when :math:`\hat T \le 2`, by Sterbenz' lemma): :math:`|\hat D / D -
-      1| \le (n + 3 + r)u`.
+    * The sum of the other terms (:func:`_sum_of_others_error`): :math:`(n + r + 1)u`
+      relative; forming :math:`1 + s'` adds one rounding: :math:`|\hat D / D - 1| \le
+      (n + 2 + r)u`, which the :math:`(n + 3 + r)u` used here covers.
     * The division: :math:`u`.
 
     So :math:`|\hat p_j - p_j| \le (n + 6 + r_j + r)\,u\, p_j`, which has the form of
@@ -192,59 +190,69 @@ def softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F6
     return np.broadcast_to(rel, x.shape).copy(), np.full(x.shape, 2 * ETA64)
 
 
+def _sum_of_others_error(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64, F64]:
+    r"""Per row: :math:`n`, :math:`r` and :math:`\rho_s = (n + r + 1)u`, the relative error
+    of the computed sum of the other terms :math:`\hat s'` (shape (R, 1) each).
+
+    Fast sums the other terms directly (the entry :math:`k` set to 0, the row summed):
+    each :math:`\hat e_j = e_j(1 + \epsilon_j)` with :math:`|\epsilon_j| \le (r_j + 2)u`
+    (:func:`softmax_fast_bound`), and a float64 sum of :math:`n` nonnegative terms in any
+    order adds :math:`\gamma_{n-1}` (Higham 2002, eq. (4.4)): :math:`|\hat s' - s'| \le
+    (n + r + 1)u\,s'` to first order. Terms that underflow (:math:`r_j > 744.4`) carry an
+    absolute error below :math:`2^{-1074}` each instead, which the absolute parts below
+    hold (:math:`(n + 2) 2^{-1074}` with the roundings of a subnormal result).
+    """
+    n, _, r_max = row_ranges(x, included)
+    return n, r_max, (n + r_max + 1.0) * U64
+
+
 def log_softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
     r"""Error bound of the shifted log-softmax :math:`\hat d_j - fl(\log(1 + \hat s'))`.
 
-    With the model and notation of :func:`softmax_fast_bound` and :math:`L =
-    \log(1 + s') \le \log n`:
+    With :math:`L = \log(1 + s')` and :math:`\rho_s` of :func:`_sum_of_others_error`:
 
-    * :math:`\hat s'` (the computed sum minus the maximum term, or any order of the
-      sum): :math:`|\hat s' - s'| \le (r + 2)u\,s' + (n - 1)u\,T + uT`, with
-      :math:`T = 1 + s'`, so :math:`|\log(1 + \hat s') - L| \le (n + 2 + r)u`
-      (the derivative of :math:`\log(1+s)` is :math:`1/(1+s)`);
-    * ``log1p`` is faithful: :math:`2uL`;
-    * :math:`\hat d_j`: :math:`u|d_j|`; the final subtraction: :math:`u(|d_j| + L)`.
+    * :math:`|\log(1 + \hat s') - L| \le \rho_s\, s'/(1 + s') \le \rho_s \min(1, L)`
+      (the slope of :math:`\log(1+s)` is :math:`1/(1+s)`, and :math:`s/(1+s) \le
+      \log(1+s)`); ``log1p`` is faithful: :math:`2uL`;
+    * :math:`\hat d_j = d_j(1 + \delta)`: :math:`u|d_j|`; the final subtraction:
+      :math:`u(|d_j| + L)`.
 
-    Total, absolute: :math:`u(2|d_j| + 3\log n + n + 2 + r)`. The bound is absolute,
-    not relative: when :math:`s'` is tiny the result at the maximum is
-    :math:`-\log(1+s') \approx -s'` and the fast path may return 0 (the relative error
-    is then 1), which this bound allows and a faithful implementation does not.
-    Blanchard, Higham & Higham 2021, sec. 3, derive the same kind of absolute bound for
-    the shifted log-sum-exp.
+    Since :math:`d_j \le 0 \le L`, the exact value is :math:`y_j = d_j - L` with
+    :math:`|y_j| = |d_j| + L`: no cancellation, so the error :math:`2u|d_j| + (\rho_s +
+    3u)L` is relative, :math:`|\hat c - y| \le (n + r + 4)u|y|` (plus the absolute
+    :math:`(n + 2)2^{-1074}` of underflowing terms). Where the sum of the others was
+    formed as :math:`fl(\hat T - 1)` this was only an absolute bound (the result at the
+    maximum, :math:`-\log(1+s') \approx -s'`, could come out 0); summing the others
+    directly keeps it relative, as Blanchard, Higham & Higham 2021 (sec. 3,
+    doi:10.1093/imanum/draa038) recommend.
     """
-    n, _, r_max = row_ranges(x, included)
-    log_n = np.log(np.maximum(n, 1.0))
-    absolute = SECOND_ORDER * (2 * r_elem_unclamped(x, included) + 3 * log_n + n + 2 + r_max)
-    return np.zeros(x.shape), np.broadcast_to(absolute * U64, x.shape).copy()
-
-
-def r_elem_unclamped(x: F64, included: npt.NDArray[np.bool_]) -> F64:
-    """:math:`|x_j - a|` for included finite entries (0 elsewhere), not clamped."""
-    incl = included & np.isfinite(x)
-    a = np.where(incl, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
-    # a - x_j overflows to inf for |x| near 1e308: the bound is then vacuous, as it
-    # must be (the exact result is beyond float64 too).
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.where(incl, a - x, 0.0)
+    n, r_max, rho_s = _sum_of_others_error(x, included)
+    rel = SECOND_ORDER * (rho_s + 3 * U64)
+    absolute = SECOND_ORDER * (n + 2.0) * ETA64
+    return np.broadcast_to(rel, x.shape).copy(), np.broadcast_to(absolute, x.shape).copy()
 
 
 def logsumexp_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
     r"""Error bound of the shifted log-sum-exp :math:`fl(a + fl(\log(1 + \hat s')))`.
 
     As in :func:`log_softmax_fast_bound`, :math:`\log(1 + \hat s')` is within
-    :math:`(n + 2 + r)u + 2uL` of :math:`L`; adding :math:`a` (exact) rounds once, by at
-    most :math:`u|a + L| \le u(|a| + \log n)`. Absolute bound, shape (R, 1):
-    :math:`u(|a| + 3\log n + n + 2 + r)`. Blanchard, Higham & Higham 2021 (sec. 3)
-    bound the shifted log-sum-exp the same way: the error is absolute, and relative
-    only when :math:`|a + L|` is not small.
+    :math:`\rho_s \min(1, L) + 2uL` of :math:`L`, and adding :math:`a` (exact) rounds
+    once, :math:`u|y|`. When :math:`a \ge 0` the exact :math:`y = a + L \ge L`: the bound
+    is relative, :math:`(n + r + 4)u|y|`. When :math:`a < 0` the two may cancel (rows of
+    log-probabilities, :math:`y \approx 0`); then :math:`L \le \log n` gives the absolute
+    part :math:`\rho_s + 2u\log n` beside the relative :math:`u|y|` (Blanchard, Higham &
+    Higham 2021, sec. 3: the error of the shifted log-sum-exp is relative only when
+    :math:`|a + L|` is not small). Both carry the absolute :math:`(n + 2)2^{-1074}` of
+    underflowing terms. Shape (R, 1).
     """
-    n, _, r_max = row_ranges(x, included)
+    n, r_max, rho_s = _sum_of_others_error(x, included)
     incl = included & np.isfinite(x)
     a = np.where(incl, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
-    a = np.where(np.isfinite(a), a, 0.0)
     log_n = np.log(np.maximum(n, 1.0))
-    absolute = SECOND_ORDER * (np.abs(a) + 3 * log_n + n + 2 + r_max) * U64
-    return np.zeros(absolute.shape), absolute
+    below = np.isfinite(a) & (a < 0)
+    rel = SECOND_ORDER * np.where(below, U64, rho_s + 3 * U64)
+    absolute = SECOND_ORDER * (np.where(below, rho_s + 2 * U64 * log_n, 0.0) + (n + 2.0) * ETA64)
+    return rel, absolute
 
 
 def error_bound(
