@@ -39,8 +39,9 @@ computed by :func:`attnspec.reference.softmax.normalise`, the same definition as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -50,10 +51,76 @@ from attnspec.reference.inputs import as_real_float64
 from attnspec.reference.softmax import normalise
 from attnspec.reference.visibility import alignment_offset, check_window, relative_position, visible
 
-__all__ = ["sdpa", "sdpa_defaults"]
+__all__ = ["SdpaOptions", "evaluate", "sdpa", "sdpa_defaults"]
 
 F64 = npt.NDArray[np.float64]
 Bool = npt.NDArray[np.bool_]
+
+
+@overload
+def sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    scale: float | None = None,
+    mask: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    align: str | None = None,
+    softcap: float | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    sinks: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    precision: str = "accurate",
+) -> F64: ...
+
+
+@overload
+def sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    scale: float | None = None,
+    mask: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    align: str | None = None,
+    softcap: float | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    sinks: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    precision: str = "accurate",
+) -> tuple[F64, F64]: ...
+
+
+@overload
+def sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    scale: float | None = None,
+    mask: npt.ArrayLike | None = None,
+    bias: npt.ArrayLike | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    align: str | None = None,
+    softcap: float | None = None,
+    alibi_slopes: npt.ArrayLike | None = None,
+    sinks: npt.ArrayLike | None = None,
+    dropout_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    precision: str = "accurate",
+) -> F64 | tuple[F64, F64]: ...
 
 
 def sdpa(
@@ -74,7 +141,7 @@ def sdpa(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     precision: str = "accurate",
-) -> Any:
+) -> F64 | tuple[F64, F64]:
     r"""Scaled dot-product attention, as defined in :mod:`attnspec.reference.attention`.
 
     Parameters
@@ -123,11 +190,7 @@ def sdpa(
     >>> attnspec.sdpa(q, k, v, scale=0.0)  # scale 0: the mean of the values
     array([[15.]])
     """
-    return _sdpa(
-        get_arithmetic(precision),
-        q,
-        k,
-        v,
+    options = SdpaOptions(
         scale=scale,
         mask=mask,
         bias=bias,
@@ -141,24 +204,94 @@ def sdpa(
         dropout_p=dropout_p,
         return_lse=return_lse,
     )
+    result: F64 | tuple[F64, F64] = evaluate(get_arithmetic(precision), q, k, v, options)
+    return result
+
+
+@dataclass(frozen=True)
+class SdpaOptions:
+    """The keyword arguments of :func:`sdpa` (but ``precision``), validated once.
+
+    Every way of evaluating the definition takes one: :func:`sdpa`,
+    :func:`attnspec.exact.sdpa`, the strategies' cases and the properties. The scalar
+    options are checked (and normalised: ``scale`` and the others to float, ``window`` to
+    a tuple) when it is made; the arrays are checked against the shapes of ``q``, ``k``
+    and ``v`` by :func:`evaluate`, the only place that knows them.
+
+    Examples
+    --------
+    >>> from attnspec.reference.attention import SdpaOptions
+    >>> SdpaOptions(causal=True, window=[2, None]).window
+    (2, None)
+    >>> SdpaOptions.from_kwargs({"scale": 1}).replace(return_lse=True).as_kwargs()["scale"]
+    1.0
+    """
+
+    scale: float | None = None
+    mask: Any = None
+    bias: Any = None
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    align: str | None = None
+    softcap: float | None = None
+    alibi_slopes: Any = None
+    sinks: Any = None
+    dropout_mask: Any = None
+    dropout_p: float = 0.0
+    return_lse: bool = False
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.scale is not None:
+            put("scale", _real_scalar(self.scale, "scale"))
+        if not isinstance(self.causal, bool | np.bool_):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        put("window", check_window(self.window))
+        if self.align is not None:
+            alignment_offset(1, 1, self.align, needed_by="align")  # validates the name
+        if self.softcap is not None:
+            put("softcap", _real_scalar(self.softcap, "softcap"))
+            if self.softcap <= 0:
+                raise ValueError(
+                    f"softcap must be > 0 (the cap c in c*tanh(s/c)), got {self.softcap}"
+                )
+        put("dropout_p", _real_scalar(self.dropout_p, "dropout_p"))
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p must lie in [0, 1), got {self.dropout_p}")
+        if self.dropout_p > 0 and self.dropout_mask is None:
+            raise ValueError(
+                f"dropout_p={self.dropout_p} needs an explicit dropout_mask (bool, "
+                "True = keep): the reference draws no random numbers"
+            )
+        if not isinstance(self.return_lse, bool | np.bool_):
+            raise TypeError(f"return_lse must be a bool, got {self.return_lse!r}")
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SdpaOptions:
+        """The options named in ``kwargs``; a TypeError names any unknown keyword."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(
+                f"sdpa() got unexpected keyword argument(s) {unknown}; "
+                f"the options are {sorted(names)}"
+            )
+        return cls(**kwargs)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :func:`sdpa` (every field)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> SdpaOptions:
+        """A copy with ``changes`` (validated again)."""
+        return replace(self, **changes)
 
 
 def sdpa_defaults() -> dict[str, Any]:
     """The keyword arguments of :func:`sdpa` (but ``precision``) and their defaults."""
-    return {
-        "scale": None,
-        "mask": None,
-        "bias": None,
-        "causal": False,
-        "window": None,
-        "align": None,
-        "softcap": None,
-        "alibi_slopes": None,
-        "sinks": None,
-        "dropout_mask": None,
-        "dropout_p": 0.0,
-        "return_lse": False,
-    }
+    return SdpaOptions().as_kwargs()
 
 
 def _real_scalar(value: object, name: str) -> float:
@@ -201,7 +334,9 @@ def _per_head(value: object, name: str, batch: tuple[int, ...], hq: int) -> F64:
     return arr
 
 
-def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) -> Any:
+def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: SdpaOptions) -> Any:
+    """The definition in ``arith`` on ``q``, ``k``, ``v`` with validated ``options``:
+    ``out`` or ``(out, lse)`` as the arithmetic's results."""
     q64 = as_real_float64(q, "q")
     k64 = as_real_float64(k, "k")
     v64 = as_real_float64(v, "v")
@@ -244,45 +379,30 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
         ) from None
     logits_shape = (*batch, hq, n_q, n_k)
 
-    scale = kw["scale"]
-    tau = 1.0 / math.sqrt(width) if scale is None else _real_scalar(scale, "scale")
-    if scale is None and width == 0:
+    opt = options
+    if opt.scale is None and width == 0:
         raise ValueError("scale=None needs E > 0 (the default is 1/sqrt(E)); pass scale=")
-    causal = kw["causal"]
-    if not isinstance(causal, bool | np.bool_):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    win = check_window(kw["window"])
-    align = kw["align"]
-    softcap = kw["softcap"]
-    if softcap is not None:
-        softcap = _real_scalar(softcap, "softcap")
-        if softcap <= 0:
-            raise ValueError(f"softcap must be > 0 (the cap c in c*tanh(s/c)), got {softcap}")
-    dropout_p = _real_scalar(kw["dropout_p"], "dropout_p")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and kw["dropout_mask"] is None:
-        raise ValueError(
-            f"dropout_p={dropout_p} needs an explicit dropout_mask (bool, True = keep): "
-            "the reference draws no random numbers"
-        )
-    mask = None if kw["mask"] is None else _bool_array(kw["mask"], "mask", logits_shape)
+    tau = 1.0 / math.sqrt(width) if opt.scale is None else opt.scale
+    causal, win, align, softcap, dropout_p = (
+        opt.causal,
+        opt.window,
+        opt.align,
+        opt.softcap,
+        opt.dropout_p,
+    )
+    mask = None if opt.mask is None else _bool_array(opt.mask, "mask", logits_shape)
     keep = (
         None
-        if kw["dropout_mask"] is None
-        else _bool_array(kw["dropout_mask"], "dropout_mask", logits_shape)
+        if opt.dropout_mask is None
+        else _bool_array(opt.dropout_mask, "dropout_mask", logits_shape)
     )
-    bias = None if kw["bias"] is None else as_real_float64(kw["bias"], "bias")
+    bias = None if opt.bias is None else as_real_float64(opt.bias, "bias")
     if bias is not None:
         _check_broadcast(bias.shape, logits_shape, "bias", "(..., Hq, L, S)")
     slopes = (
-        None
-        if kw["alibi_slopes"] is None
-        else _per_head(kw["alibi_slopes"], "alibi_slopes", batch, hq)
+        None if opt.alibi_slopes is None else _per_head(opt.alibi_slopes, "alibi_slopes", batch, hq)
     )
-    sinks = None if kw["sinks"] is None else _per_head(kw["sinks"], "sinks", batch, hq)
-    if not isinstance(kw["return_lse"], bool | np.bool_):
-        raise TypeError(f"return_lse must be a bool, got {kw['return_lse']!r}")
+    sinks = None if opt.sinks is None else _per_head(opt.sinks, "sinks", batch, hq)
 
     needs = [
         name
@@ -294,8 +414,6 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
         if on
     ]
     offset = alignment_offset(n_q, n_k, align, needed_by=" and ".join(needs)) if needs else 0
-    if not needs and align is not None:
-        alignment_offset(n_q, n_k, align, needed_by="align")  # validates the name
 
     # Query head h reads key/value head h // G (G = Hq / Hkv): repeat each kv head G
     # times, once for all blocks. K and V are small next to the (L, S) logits.
@@ -348,7 +466,7 @@ def _sdpa(arith: Arithmetic[Any], q: object, k: object, v: object, **kw: Any) ->
         lse[..., start:stop] = lse_block
     if two_d:
         out, lse = out[0], lse[0]
-    return (out, lse) if kw["return_lse"] else out
+    return (out, lse) if opt.return_lse else out
 
 
 #: elements of the (..., L, S) logits evaluated at once (8 MiB of float64). Measured on

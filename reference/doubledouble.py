@@ -119,6 +119,7 @@ class DD(NamedTuple):
 # Error-free transformations (attnspec.reference.eft) on scratch arrays
 # ---------------------------------------------------------------------------
 
+
 def _two_sum_lean(a: F64, b: F64 | float, scratch: Scratch) -> tuple[F64, F64]:
     """:func:`~attnspec.reference.eft.two_sum`, the same operations in the same order,
     with one scratch temporary and the result arrays only."""

@@ -184,16 +184,13 @@ def sdpa(
     Takes the same keyword arguments as :func:`attnspec.sdpa` (except ``precision``)
     and returns object arrays of mpf: ``out`` or ``(out, lse)``.
     """
-    from attnspec.reference.attention import _sdpa, sdpa_defaults
+    from attnspec.reference.attention import SdpaOptions, evaluate
 
     digits = _check_dps(dps)
-    unknown = set(options) - set(sdpa_defaults())
-    if unknown:
-        raise TypeError(f"sdpa() got unexpected keyword argument(s) {sorted(unknown)}")
-    kw = {**sdpa_defaults(), **options}
+    opts = SdpaOptions.from_kwargs(options)
     with mpmath.workdps(digits):
-        res = _sdpa(Exact(), q, k, v, **kw)
-        if kw["return_lse"]:
+        res = evaluate(Exact(), q, k, v, opts)
+        if opts.return_lse:
             return tuple(_as_mpf(r) for r in res)
         return _as_mpf(res)
 
