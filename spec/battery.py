@@ -85,9 +85,9 @@ def _with_perm(family: props.SoftmaxFamily) -> st.SearchStrategy[Any]:
     @st.composite
     def make(draw: st.DrawFn) -> tuple[SoftmaxCase, list[int]]:
         case = draw(_cases()(family))
-        from attnspec.spec.properties.softmax import _layout
+        from attnspec.spec.properties.softmax import slice_layout
 
-        n = _layout(case.x.shape, case.axis).n
+        n = slice_layout(case.x.shape, case.axis).n
         return case, draw(st.permutations(range(n)))
 
     return make()

@@ -42,7 +42,13 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
-from attnspec.spec.properties.softmax import PropertyViolation
+from attnspec.spec.properties._core import (
+    PropertyViolation,
+    abs_error,
+    caller_name,
+    same,
+    two_sum_error,
+)
 from attnspec.spec.strategies.attention import FEATURES, AttentionCase, case_visibility
 from attnspec.spec.tolerances import attention as atol
 
@@ -181,18 +187,9 @@ def exact_impl(dps: int = 50) -> AttentionImpl:
 # ---------------------------------------------------------------------------------------
 
 
-def _prop_name() -> str:
-    import inspect
-
-    for frame in inspect.stack()[1:]:
-        if frame.function.startswith("check_"):
-            return frame.function[len("check_") :]
-    return "property"
-
-
 def _fail(impl: AttentionImpl, case: AttentionCase, detail: str, lse: bool = False) -> None:
     __tracebackhide__ = True
-    raise PropertyViolation(_prop_name(), impl.name, detail, impl.reproduction(case, lse))
+    raise PropertyViolation(caller_name(), impl.name, detail, impl.reproduction(case, lse))
 
 
 def _copy(a: Any) -> Any:
@@ -224,7 +221,7 @@ def _weighted_up(case: AttentionCase, v: F64 | None = None) -> tuple[F64, F64]:
     vv = case.v if v is None else v
     weighted, bound = atol.textbook_sdpa_bound(case.q, case.k, vv, **case.kwargs)
     data = atol.logit_data(case.q, case.k, **case.kwargs)
-    vmax = atol._visible_value_max(vv, data, case.q.ndim == 2 and case.k.ndim == 2)
+    vmax = atol.visible_value_max(vv, data, case.q.ndim == 2 and case.k.ndim == 2)
     return weighted + bound, vmax
 
 
@@ -254,10 +251,6 @@ def output_bound(
     return out_b, lse_b
 
 
-def _same(a: Any, b: Any) -> Any:
-    return (a == b) | (np.isnan(a) & np.isnan(b))
-
-
 def _compare(
     impl: AttentionImpl,
     case: AttentionCase,
@@ -273,7 +266,7 @@ def _compare(
     a, b = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
     allowed = np.broadcast_to(np.asarray(allowed, dtype=np.float64), a.shape)
     with np.errstate(invalid="ignore"):
-        diff = np.where(_same(a, b), 0.0, np.abs(a - b))
+        diff = np.where(same(a, b), 0.0, np.abs(a - b))
         diff = np.where(np.isnan(diff), np.inf, diff)
         # a NaN bound allows nothing but equality
         bad = (diff > 0) & ~(diff <= allowed) & ~(allowed == np.inf)
@@ -537,13 +530,6 @@ def check_key_value_permutation(impl: AttentionImpl, case: AttentionCase, perm: 
         _compare(impl, moved, "lse with keys permuted", lse2, lse, el1 + el2, lse=True)
 
 
-def _two_sum_err(a: F64, b: F64) -> F64:
-    """The rounding error of fl(a + b), exactly (TwoSum, Knuth)."""
-    s = a + b
-    bb = s - a
-    return (a - (s - bb)) + (b - bb)
-
-
 def _tau(case: AttentionCase) -> float:
     scale = case.kwargs.get("scale")
     return 1.0 / math.sqrt(case.q.shape[-1]) if scale is None else float(scale)
@@ -586,7 +572,8 @@ def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None)
     )
     with np.errstate(invalid="ignore"):  # NaN poison at hidden keys stays NaN
         k2 = case.k + u
-        err = np.where(np.isfinite(k2), _two_sum_err(case.k, np.broadcast_to(u, case.k.shape)), 0.0)
+    # the exact rounding error of each shifted key (0 where it is not finite)
+    err = two_sum_error(case.k, np.broadcast_to(u, case.k.shape))
     moved = replace(case, k=k2)
     out, lse = _eval(impl, case, lse=True)
     out2, lse2 = _eval(impl, moved, lse=True)
@@ -604,7 +591,7 @@ def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None)
         for idx in np.ndindex(lse.shape):
             a, b = float(lse[idx]), float(lse2[idx])
             if not (math.isfinite(a) and math.isfinite(b)):
-                if not _same(np.float64(a), np.float64(b)):
+                if not same(np.float64(a), np.float64(b)):
                     _fail(impl, moved, f"lse at {idx}: {b!r}, unshifted {a!r}", True)
                 continue
             qi = np.broadcast_to(q, (*lse.shape, width))[idx]
@@ -978,7 +965,7 @@ def check_alibi_causal(impl: AttentionImpl, case: AttentionCase) -> None:
         for idx in np.ndindex(lse.shape):
             a, b = float(lse[idx]), float(lse2[idx])
             if not (math.isfinite(a) and math.isfinite(b)):
-                if not _same(np.float64(a), np.float64(b)):
+                if not same(np.float64(a), np.float64(b)):
                     _fail(
                         impl, linear, f"lse at {idx}: {b!r} with bias m j, {a!r} with ALiBi", True
                     )
@@ -1327,7 +1314,7 @@ def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> 
     with mpmath.workdps(max(dps, 40)):
         for idx in np.ndindex(out.shape):
             c, yv = float(out[idx]), y[idx]
-            err = _abs_err(c, yv)
+            err = abs_error(c, yv)
             a = mpmath.mpf(float(allowed[idx])) if mpmath.isfinite(yv) else mpmath.mpf(0)
             if err > a:
                 ratio = float(err / a) if a > 0 else math.inf
@@ -1339,14 +1326,14 @@ def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> 
                 impl,
                 case,
                 f"output at {idx} is {c!r}, exact {mpmath.nstr(yv, 20)} ({dps} digits): "
-                f"error {float(_abs_err(c, yv)):.3g}, {worst[0]:.3g} times the "
+                f"error {float(abs_error(c, yv)):.3g}, {worst[0]:.3g} times the "
                 f"{impl.accuracy} bound {mpmath.nstr(a, 3)}",
             )
         if lse is None:
             return
         for idx in np.ndindex(lse.shape):
             c, yv = float(lse[idx]), y_lse[idx]
-            err = _abs_err(c, yv)
+            err = abs_error(c, yv)
             if not mpmath.isfinite(yv):
                 a = mpmath.mpf(0)
             elif impl.accuracy == "accurate":
@@ -1363,19 +1350,6 @@ def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> 
                     f"({float(err / ulp_of_exact(yv)):.3g} ulp)",
                     True,
                 )
-
-
-def _abs_err(c: float, y: Any) -> Any:
-    """|c - y| in mpmath; equal infinities and NaN/NaN count as 0, other specials as inf;
-    an infinite c where y is beyond the float64 range with the same sign counts as 0."""
-    if math.isnan(c) or mpmath.isnan(y):
-        return mpmath.mpf(0) if (math.isnan(c) and mpmath.isnan(y)) else mpmath.inf
-    if math.isinf(c):
-        big = mpmath.isinf(y) or abs(y) > mpmath.mpf(float(np.finfo(np.float64).max))
-        return mpmath.mpf(0) if big and (c > 0) == (y > 0) else mpmath.inf
-    if mpmath.isinf(y):
-        return mpmath.inf
-    return abs(mpmath.mpf(c) - y)
 
 
 #: name -> check; the attention battery's vocabulary

@@ -28,6 +28,14 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
+from attnspec.spec.properties._core import (
+    PropertyViolation,
+    abs_error,
+    array_repr,
+    caller_name,
+    same,
+    two_sum_error,
+)
 from attnspec.spec.tolerances import softmax as tol
 
 __all__ = [
@@ -53,18 +61,6 @@ Bools = npt.NDArray[np.bool_]
 #: ``f(x, axis, where) -> array``: x is float64, where a bool array broadcast to x or None
 FamilyFn = Callable[[F64, Any, "Bools | None"], Any]
 _KINDS = ("softmax", "log_softmax", "logsumexp")
-_DBL_MAX = float(np.finfo(np.float64).max)
-
-
-class PropertyViolation(AssertionError):
-    """A property of the softmax family does not hold; the message says where and how."""
-
-    def __init__(self, prop: str, family: str, detail: str, reproduction: str) -> None:
-        self.property = prop
-        self.family = family
-        self.detail = detail
-        self.reproduction = reproduction
-        super().__init__(f"{prop} fails for {family}: {detail}\n  reproduce: {reproduction}")
 
 
 @dataclass(frozen=True, repr=False)
@@ -196,7 +192,7 @@ class _Layout:
         return tuple(int(pos[a]) for a in range(len(self.shape)))
 
 
-def _layout(shape: tuple[int, ...], axis: object) -> _Layout:
+def slice_layout(shape: tuple[int, ...], axis: object) -> _Layout:
     axes = normalize_axes(axis, len(shape))
     kept = tuple(a for a in range(len(shape)) if a not in axes)
     return _Layout(
@@ -207,32 +203,11 @@ def _layout(shape: tuple[int, ...], axis: object) -> _Layout:
     )
 
 
-def _float_repr(v: float) -> str:
-    if math.isnan(v):
-        return "np.nan"
-    if math.isinf(v):
-        return "np.inf" if v > 0 else "-np.inf"
-    return repr(float(v))
-
-
-def _array_repr(a: npt.NDArray[Any], limit: int = 400) -> str:
-    if a.size > limit:
-        return f"<array of shape {a.shape}, too large to print>"
-    body = np.array2string(
-        a,
-        separator=", ",
-        threshold=limit + 1,
-        max_line_width=10**6,
-        formatter={"float_kind": _float_repr, "bool": lambda b: str(bool(b))},  # type: ignore[arg-type]
-    )
-    return f"np.array({body})"
-
-
 def _reproduction(
     family: SoftmaxFamily, kind: str, x: F64, axis: object, where: Bools | None
 ) -> str:
-    w = "" if where is None else f", where={_array_repr(where)}"
-    args = f"x={_array_repr(x)}, axis={axis!r}{w}"
+    w = "" if where is None else f", where={array_repr(where)}"
+    args = f"x={array_repr(x)}, axis={axis!r}{w}"
     if family.call is not None:
         return family.call.format(kind=kind, args=args)
     return f"{family.name}.{kind}({args})"
@@ -261,7 +236,7 @@ class _Inputs:
         self.where = None if where is None else np.array(as_where(where, self.x.shape))
         if self.where is not None and not family.supports_where:
             raise ValueError(f"{family.name} does not support where=; pass where=None")
-        self.lay = _layout(self.x.shape, axis)
+        self.lay = slice_layout(self.x.shape, axis)
         self.xr = self.lay.to_rows(self.x)
         self.wr: Bools = np.asarray(
             np.ones(self.xr.shape, dtype=bool)
@@ -308,7 +283,7 @@ class _Inputs:
     ) -> None:
         __tracebackhide__ = True
         _fail(
-            prop or _caller(),
+            prop or caller_name(),
             self.family,
             kind,
             self.x if x is None else x,
@@ -319,15 +294,6 @@ class _Inputs:
 
     def at(self, r: Any, j: Any = None) -> str:
         return f"at index {self.lay.index(int(r), None if j is None else int(j))}"
-
-
-def _caller() -> str:
-    import inspect
-
-    for frame in inspect.stack()[1:]:
-        if frame.function.startswith("check_"):
-            return frame.function[len("check_") :]
-    return "property"
 
 
 def _err_from_computed(c: F64, rel: F64, absolute: F64) -> F64:
@@ -354,7 +320,7 @@ def _diff(a: F64, b: F64) -> F64:
     """|a - b|, 0 where a and b are the same (equal infinities, NaN and NaN)."""
     # inf - inf is NaN for equal infinities: those count as 0, the rest stays as it is.
     with np.errstate(invalid="ignore"):
-        return np.where(_same(a, b), 0.0, np.abs(a - b))
+        return np.where(same(a, b), 0.0, np.abs(a - b))
 
 
 def _ratio(got: F64, allowed: F64) -> F64:
@@ -362,11 +328,6 @@ def _ratio(got: F64, allowed: F64) -> F64:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         r = np.where(got <= allowed, 0.0, got / allowed)
     return np.where(np.isnan(r), np.inf, r)
-
-
-def _same(a: F64, b: F64) -> Bools:
-    """Elementwise bitwise equality with NaN equal to NaN (and -0.0 equal to 0.0)."""
-    return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,7 +421,7 @@ def check_excluded(
         for fill in (np.nan, np.inf, -np.inf):
             xf = np.where(inp.where, inp.x, fill)
             out = inp.call(kind, x=xf)
-            diff = ~_same(out, base)
+            diff = ~same(out, base)
             if diff.any():
                 r, j = _worst(diff.astype(np.float64))
                 where_txt = inp.at(r, None if kind == "logsumexp" else j)
@@ -470,15 +431,6 @@ def check_excluded(
                     f"{out[r, j]!r}, but {base[r, j]!r} with the original values there",
                     x=xf,
                 )
-
-
-def _two_sum_error(a: F64, b: F64) -> F64:
-    """The rounding error of fl(a + b), exactly (Knuth's TwoSum); 0 where not finite."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        s = a + b
-        bb = s - a
-        err = (a - (s - bb)) + (b - bb)
-    return np.where(np.isfinite(s) & np.isfinite(a), err, 0.0)
 
 
 def check_shift_invariance(
@@ -506,7 +458,7 @@ def check_shift_invariance(
     with np.errstate(over="ignore"):  # an overflowing shift is detected below
         xs = inp.x + c
     inp_s = _Inputs(family, xs, axis, inp.where)
-    err = np.abs(_two_sum_error(inp.xr, np.full_like(inp.xr, c)))
+    err = np.abs(two_sum_error(inp.xr, np.full_like(inp.xr, c)))
     err = np.where(inp.live, err, 0.0)
     overflow = np.asarray((inp.live & ~np.isfinite(inp_s.xr)).any(axis=-1), dtype=bool)
     exact_rows = np.asarray((err == 0.0).all(axis=-1) & family.shifts_by_max, dtype=bool)
@@ -519,7 +471,7 @@ def check_shift_invariance(
             same_needed = special
         else:
             same_needed = special | exact_rows
-        diff = same_needed[:, None] & ~_same(a, b) & checked[:, None]
+        diff = same_needed[:, None] & ~same(a, b) & checked[:, None]
         if diff.any():
             r, j = _worst(diff.astype(np.float64))
             inp.fail(
@@ -595,7 +547,7 @@ def check_permutation(
         if kind != "logsumexp":
             b = b[:, np.argsort(pi)]  # back to the original order
         special = ~inp.regular
-        diff = special[:, None] & ~_same(a, b)
+        diff = special[:, None] & ~same(a, b)
         if diff.any():
             r, j = _worst(diff.astype(np.float64))
             inp.fail(
@@ -737,7 +689,7 @@ def check_consistency(
                 allowed = els[r, j] + else_[r, 0]
                 lv = float(lse[r, 0])
                 got = (
-                    _abs_error(lsv, mpmath.mpf(float(inp.xr[r, j])) - mpmath.mpf(lv))
+                    abs_error(lsv, mpmath.mpf(float(inp.xr[r, j])) - mpmath.mpf(lv))
                     if math.isfinite(lv)
                     else math.inf
                 )
@@ -748,20 +700,6 @@ def check_consistency(
                         f"= {inp.xr[r, j]!r} - {lv!r}: |difference| = {float(got):.3g} > "
                         f"bound {allowed:.3g}",
                     )
-
-
-def _abs_error(c: float, y: Any) -> Any:
-    """|c - y| in mpmath, with the conventions of rounding: 0 for equal specials and for an
-    infinite c where the exact y is beyond the float64 range with the same sign."""
-    if math.isnan(c) or mpmath.isnan(y):
-        return mpmath.mpf(0) if (math.isnan(c) and mpmath.isnan(y)) else mpmath.inf
-    if math.isinf(c):
-        if mpmath.isinf(y) or abs(y) > _DBL_MAX:
-            return mpmath.mpf(0) if (c > 0) == (y > 0) else mpmath.inf
-        return mpmath.inf
-    if mpmath.isinf(y):
-        return mpmath.inf
-    return abs(mpmath.mpf(c) - y)
 
 
 def check_agreement(
@@ -796,7 +734,7 @@ def check_agreement(
             for r in range(c.shape[0]):
                 for j in range(c.shape[1]):
                     cv, yv = float(c[r, j]), mpmath.mpf(yr[r, j])
-                    err = _abs_error(cv, yv)
+                    err = abs_error(cv, yv)
                     if family.accuracy == "faithful" and mpmath.isfinite(yv) and err > 0:
                         allowed = tol.ulp_of_exact(yv)
                     else:
@@ -810,7 +748,7 @@ def check_agreement(
         if worst is not None:
             r, j, cv, yv, allowed = worst
             at = inp.at(r, None if kind == "logsumexp" else j)
-            ulps = float(_abs_error(cv, yv) / tol.ulp_of_exact(yv))
+            ulps = float(abs_error(cv, yv) / tol.ulp_of_exact(yv))
             inp.fail(
                 kind,
                 f"{kind} {at} is {cv!r}, exact value {mpmath.nstr(yv, 20)} "
@@ -867,7 +805,7 @@ def check_special_values(
                 inp.fail(
                     kind,
                     f"{kind} of the special slice {inp.at(r)} is "
-                    f"{_array_repr(row)}, expected {want}",
+                    f"{array_repr(row)}, expected {want}",
                 )
 
 

@@ -14,8 +14,6 @@ against the exact one) and on :math:`|\hat\ell_i - \ell_i|` (the lse):
 Notation: :math:`u = 2^{-53}`, :math:`\eta = 2^{-1074}` (the smallest subnormal),
 :math:`\gamma_n = nu/(1 - nu)` (Higham 2002, Lemma 3.1).
 
-(To be folded into :mod:`attnspec.spec.tolerances.softmax`.)
-
 References
 ----------
 N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., SIAM, 2002,
@@ -33,6 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.spec.tolerances._core import ETA, SECOND_ORDER, U, perturbation_factor
+
 __all__ = [
     "ETA",
     "TANH_ULPS",
@@ -44,20 +44,14 @@ __all__ = [
     "perturbation_factor",
     "textbook_lse_bound",
     "textbook_sdpa_bound",
+    "visible_value_max",
 ]
 
 F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
-U = 2.0**-53
-#: smallest positive subnormal float64
-ETA = 2.0**-1074
 #: relative error of ``tanh`` in ulps assumed for the softcap: glibc documents at most
 #: 2 ulp for tanh on x86_64 ("Errors in Math Functions", The GNU C Library manual).
 TANH_ULPS = 2.0
-#: absorbs the second-order terms of the first-order bounds below (each first-order
-#: coefficient times u is below 2**-20 for the sizes used; see
-#: attnspec.spec.tolerances.softmax.SECOND_ORDER)
-SECOND_ORDER = 1.01
 
 
 def gamma(n: int | F64) -> Any:
@@ -66,19 +60,6 @@ def gamma(n: int | F64) -> Any:
     if np.any(nu >= 1):
         raise ValueError(f"gamma_n needs n u < 1, got n = {n}")
     return nu / (1 - nu)
-
-
-def perturbation_factor(delta: Any) -> Any:
-    r"""How much attention may change when every logit moves by at most :math:`\delta`.
-
-    A perturbation :math:`|\tilde s_j - s_j| \le \delta` changes each weight by the factor
-    :math:`e^{\tilde s_j - s_j} / \sum_l p_l e^{\tilde s_l - s_l} \in [e^{-2\delta},
-    e^{2\delta}]`, so :math:`|\tilde o_k - o_k| \le (e^{2\delta} - 1) \sum_j p_j |v_{jk}|`
-    (the returned factor, rounded up) and :math:`|\tilde\ell - \ell| \le \delta`.
-    """
-    d = np.asarray(delta, dtype=np.float64)
-    with np.errstate(over="ignore"):  # a huge delta: the bound is inf, i.e. says nothing
-        return SECOND_ORDER * np.expm1(np.minimum(2 * d, 710.0)) * np.where(2 * d < 709, 1, np.inf)
 
 
 @dataclass(frozen=True)
@@ -280,12 +261,12 @@ def textbook_sdpa_bound(
         exact_weighted = np.where(rho < 1, weighted / (1 - rho), np.inf)
         bound = rho * exact_weighted
     bound = np.where(np.isnan(bound), np.where(weighted == 0, 0.0, np.inf), bound)
-    vmax = _visible_value_max(v, data, two_d)
+    vmax = visible_value_max(v, data, two_d)
     floor = SECOND_ORDER * (data.n_keys + 1) * ETA * (1 + vmax)
     return weighted, bound + floor
 
 
-def _visible_value_max(v: Any, data: LogitData, two_d: bool) -> F64:
+def visible_value_max(v: Any, data: LogitData, two_d: bool) -> F64:
     r""":math:`\max_{j\ \mathrm{visible}} |v_{jk}|` per output entry (0 for empty rows)."""
     v = np.asarray(v, dtype=np.float64)
     if two_d:

@@ -9,12 +9,17 @@ correct rounding.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import mpmath
 import numpy as np
 import numpy.typing as npt
+
+from attnspec.spec.tolerances._core import (
+    ETA64,
+    SECOND_ORDER,
+    U64,
+    perturbation_factor,
+    ulp_error,
+    ulp_of_exact,
+)
 
 __all__ = [
     "ACCURACIES",
@@ -36,52 +41,6 @@ __all__ = [
 
 F64 = npt.NDArray[np.float64]
 
-#: unit roundoff of float64, 2**-53
-U64 = 2.0**-53
-_TINY = mpmath.mpf(2) ** -1074
-
-
-def ulp_of_exact(y: Any) -> Any:
-    """The float64 ulp at the exact (mpmath) value ``y``, as an mpf."""
-    y = abs(mpmath.mpf(y))
-    if y == 0 or not mpmath.isfinite(y):
-        return _TINY
-    # floor(log2 y) exactly, from the binary representation y = man * 2**exp with a
-    # mantissa of bc bits (taking log(y, 2) instead loops for ages on y ~ 1e-1e308).
-    _, _, exp, bc = y._mpf_
-    e = int(exp) + int(bc) - 1
-    if e < -1022:  # subnormal range: the spacing is the smallest subnormal
-        return _TINY
-    return mpmath.mpf(2) ** (e - 52)
-
-
-def _one(c: float, y: Any) -> float:
-    y = mpmath.mpf(y)
-    if math.isnan(c) or mpmath.isnan(y):
-        return 0.0 if (math.isnan(c) and mpmath.isnan(y)) else math.inf
-    if mpmath.isinf(y) or math.isinf(c):
-        return 0.0 if mpmath.mpf(c) == y else math.inf
-    return float(abs(mpmath.mpf(c) - y) / ulp_of_exact(y))
-
-
-def ulp_error(computed: npt.ArrayLike, exact: npt.ArrayLike) -> F64:
-    """Elementwise ``|computed - exact| / ulp(exact)``, in float64.
-
-    ``computed`` holds float64 results; ``exact`` the exact values (mpmath numbers, as
-    returned by :mod:`attnspec.exact`, or anything mpmath converts exactly). Equal
-    infinities and NaN against NaN count as 0 ulp; any other disagreement about a
-    special value counts as infinitely many.
-    """
-    c = np.asarray(computed, dtype=np.float64)
-    e = np.asarray(exact, dtype=object)
-    c, e = np.broadcast_arrays(c, e)
-    out = np.empty(c.shape, dtype=np.float64)
-    with mpmath.workdps(max(mpmath.mp.dps, 40)):
-        for idx in np.ndindex(c.shape):
-            out[idx] = _one(float(c[idx]), e[idx])
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # Error bounds of the softmax family, per element.
 #
@@ -93,20 +52,10 @@ def ulp_error(computed: npt.ArrayLike, exact: npt.ArrayLike) -> F64:
 #: the accuracy classes a softmax implementation may claim
 ACCURACIES = ("faithful", "fast")
 
-#: smallest positive subnormal float64, 2**-1074
-ETA64 = 2.0**-1074
-
 #: beyond this distance below the row maximum, e^{x_j - a} < 2**-1074: the term is 0 or
 #: the smallest subnormal whatever its relative error, so only an absolute error remains.
 #: log(2**-1074) = -744.44..., rounded up.
 UNDERFLOW_RANGE = 746.0
-
-#: factor that absorbs the second-order terms of the first-order bounds below and the
-#: rounding of the bound's own evaluation. Every first-order coefficient c satisfies
-#: c * u <= 2**-20 for rows of up to 2**30 entries, and a product of k factors
-#: (1 + d_i), sum |d_i| = t <= 2**-20, differs from 1 + t by at most t**2 <= 2**-20 t;
-#: 1.01 leaves a wide margin.
-SECOND_ORDER = 1.01
 
 _KINDS = ("softmax", "log_softmax", "logsumexp")
 
@@ -226,7 +175,7 @@ def log_softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64
     directly keeps it relative, as Blanchard, Higham & Higham 2021 (sec. 3,
     doi:10.1093/imanum/draa038) recommend.
     """
-    n, r_max, rho_s = _sum_of_others_error(x, included)
+    n, _, rho_s = _sum_of_others_error(x, included)
     rel = SECOND_ORDER * (rho_s + 3 * U64)
     absolute = SECOND_ORDER * (n + 2.0) * ETA64
     return np.broadcast_to(rel, x.shape).copy(), np.broadcast_to(absolute, x.shape).copy()
@@ -245,7 +194,7 @@ def logsumexp_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, 
     :math:`|a + L|` is not small). Both carry the absolute :math:`(n + 2)2^{-1074}` of
     underflowing terms. Shape (R, 1).
     """
-    n, r_max, rho_s = _sum_of_others_error(x, included)
+    n, _, rho_s = _sum_of_others_error(x, included)
     incl = included & np.isfinite(x)
     a = np.where(incl, x, -np.inf).max(axis=-1, keepdims=True, initial=-np.inf)
     log_n = np.log(np.maximum(n, 1.0))
@@ -295,13 +244,7 @@ def sum_to_one_bound(rel: F64, absolute: F64) -> F64:
 
 
 def perturbed_softmax_factor(delta: float) -> float:
-    r"""How much softmax may change when each logit moves by at most ``delta``.
-
-    For :math:`|\tilde x_i - x_i| \le \delta`: :math:`\operatorname{softmax}(\tilde
-    x)_j / \operatorname{softmax}(x)_j = e^{\tilde x_j - x_j} / \sum_i p_i e^{\tilde x_i
-    - x_i} \in [e^{-2\delta}, e^{2\delta}]`, so the relative change is at most
-    :math:`e^{2\delta} - 1` (the factor returned, rounded up by ``SECOND_ORDER``).
-    """
-    if not 2 * delta < 709.0:  # expm1 would overflow: the bound says nothing
-        return math.inf
-    return SECOND_ORDER * math.expm1(2 * delta)
+    r"""How much softmax may change when each logit moves by at most ``delta``:
+    :math:`e^{2\delta} - 1`, rounded up (:func:`attnspec.spec.tolerances._core.perturbation_factor`,
+    the same factor attention uses)."""
+    return float(perturbation_factor(delta))
