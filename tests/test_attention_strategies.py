@@ -1,14 +1,17 @@
 """The attention strategies reach every hard case their docstrings promise (hypothesis.find),
-and what they draw is valid input whose poison sits only at hidden positions."""
+and what they draw is valid input whose poison sits only at hidden positions. Bad
+arguments raise InvalidArgument when the strategy is built, before anything is drawn."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
+from hypothesis.errors import InvalidArgument
 
 import attnspec
 from attnspec.spec.strategies.attention import (
@@ -180,8 +183,6 @@ def test_features_restrict_what_is_drawn() -> None:
         assert case.features() == set()
 
     check()
-    with pytest.raises(ValueError, match="unknown features"):
-        find(attention_cases(features=("flash",)), lambda c: True, settings=SEARCH)
     assert set(FEATURES) >= {"mask", "causal", "lse"}
 
 
@@ -194,3 +195,73 @@ def test_case_repr_reproduces_the_case() -> None:
     text = repr(case)
     assert text.startswith("AttentionCase(q=np.array(")
     assert "causal=True" in text and "mask=np.array(" in text
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments are checked when the strategy is built, not when it is drawn from
+# ---------------------------------------------------------------------------------------
+
+_NAMES = f"Expected a set or tuple of names from {FEATURES!r} but got "
+_UNKNOWN = f"Expected features from {FEATURES!r} but got "
+_MAGNITUDE = f"Expected None or one of {MAGNITUDES!r} but got "
+_POISON = "poison=True needs a feature that hides positions, one of ('mask', 'causal', 'window')"
+
+#: id: (keyword arguments of attention_cases, a fragment of the message)
+BAD_ARGUMENTS: dict[str, tuple[dict[str, Any], str]] = {
+    "features-a-str": ({"features": "mask"}, _NAMES + "features='mask' (type=str)"),
+    "features-None": ({"features": None}, _NAMES + "features=None (type=NoneType)"),
+    "features-a-dict": ({"features": {"mask": True}}, _NAMES + "features={'mask': True}"),
+    "features-unknown": (
+        {"features": ("mask", "flash")},
+        _UNKNOWN + "features=('mask', 'flash'), with unknown ['flash']",
+    ),
+    "features-wrong-case": ({"features": {"Mask"}}, _UNKNOWN + "features={'Mask'}"),
+    "features-not-str": (
+        {"features": ("mask", 1)},
+        f"Expected feature names (str) from {FEATURES!r} but got features=('mask', 1), with [1]",
+    ),
+    "magnitude-unknown": ({"magnitude": "huge"}, _MAGNITUDE + "magnitude='huge' (type=str)"),
+    "magnitude-a-float": ({"magnitude": 1e6}, _MAGNITUDE + "magnitude=1000000.0 (type=float)"),
+    "max_side-0": ({"max_side": 0}, "Expected max_side >= 1 but got max_side=0"),
+    "max_side-negative": ({"max_side": -2}, "Expected max_side >= 1 but got max_side=-2"),
+    "max_side-bool": ({"max_side": True}, "Expected an int but got max_side=True (type=bool)"),
+    "max_side-float": ({"max_side": 4.0}, "Expected an int but got max_side=4.0 (type=float)"),
+    "max_side-str": ({"max_side": "4"}, "Expected an int but got max_side='4' (type=str)"),
+    "poison-an-int": ({"poison": 1}, "Expected a bool or None but got poison=1 (type=int)"),
+    "poison-a-str": ({"poison": "always"}, "Expected a bool or None but got poison='always'"),
+    "poison-without-hiding-features": (
+        {"features": (), "poison": True},
+        _POISON + ", but got features=()",
+    ),
+    "poison-with-softcap-only": (
+        {"features": ("softcap", "alibi"), "poison": True},
+        _POISON + ", but got features=('softcap', 'alibi')",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS)
+)
+def test_bad_argument_is_refused_at_build(kwargs: dict[str, Any], message: str) -> None:
+    """The call itself raises: nothing is drawn (no .example(), find or given)."""
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        attention_cases(**kwargs)
+
+
+VALID: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "every argument": {
+        "features": ["mask", "gqa"],
+        "magnitude": "tiny_qk",
+        "max_side": np.int64(1),
+        "poison": True,
+    },
+    "poison with causal only": {"features": frozenset({"causal"}), "poison": True},
+    "no features, no poison": {"features": set(), "poison": False},
+}
+
+
+@pytest.mark.parametrize("kwargs", list(VALID.values()), ids=list(VALID))
+def test_valid_arguments_build_and_draw(kwargs: dict[str, Any]) -> None:
+    find(attention_cases(**kwargs), lambda c: True, settings=SEARCH)

@@ -1,11 +1,15 @@
 """The strategies of attnspec.spec.strategies.softmax reach what their docstrings say.
 
 Each hard case is found with hypothesis.find (which fails with NoSuchExample when a
-strategy cannot reach it), and every drawn case is checked to be valid.
+strategy cannot reach it), and every drawn case is checked to be valid. Every public
+strategy checks its arguments when it is built: a bad one raises InvalidArgument at the
+call, before anything is drawn.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from attnspec.reference.inputs import normalize_axes
 from attnspec.spec.strategies.softmax import (
@@ -146,6 +151,143 @@ def test_floats_only(d: np.dtype[Any]) -> None:
     assert d.kind in "fV"
 
 
-def test_unknown_regime_is_refused() -> None:
-    with pytest.raises(ValueError, match="regime must be one of"):
-        find(logits((2,), regime="bogus"), lambda x: True, settings=FIND)
+# ---------------------------------------------------------------------------------------
+# Arguments are checked when a strategy is built, not when it is drawn from
+# ---------------------------------------------------------------------------------------
+
+_BOOL = "Expected a bool but got "
+_SHAPE = "Expected None, a strategy of shapes or a tuple of non-negative ints but got "
+_MASK_SHAPE = "Expected a tuple of non-negative ints but got "
+_INT = "Expected an int but got "
+_REGIME = f"Expected None or one of {REGIMES!r} but got "
+
+
+def _bad(strategy: Callable[..., Any], kwargs: dict[str, Any], message: str, why: str) -> Any:
+    return pytest.param(strategy, kwargs, message, id=f"{strategy.__name__}-{why}")
+
+
+#: (strategy, keyword arguments, a fragment of the message); the ids say what is wrong
+BAD_ARGUMENTS = [
+    # logits
+    _bad(logits, {"shape": 3}, _SHAPE + "shape=3 (type=int)", "shape-an-int"),
+    _bad(logits, {"shape": "3"}, _SHAPE + "shape='3' (type=str)", "shape-a-str"),
+    _bad(logits, {"shape": (2, -1)}, _SHAPE + "shape=(2, -1)", "shape-negative-side"),
+    _bad(logits, {"shape": (2.0,)}, _SHAPE + "shape=(2.0,)", "shape-float-side"),
+    _bad(logits, {"shape": (True, 2)}, _SHAPE + "shape=(True, 2)", "shape-bool-side"),
+    _bad(logits, {"regime": "bogus"}, _REGIME + "regime='bogus' (type=str)", "regime-unknown"),
+    _bad(logits, {"regime": 1}, _REGIME + "regime=1 (type=int)", "regime-an-int"),
+    _bad(logits, {"allow_nan": 1}, _BOOL + "allow_nan=1 (type=int)", "allow_nan-an-int"),
+    _bad(logits, {"allow_nan": None}, _BOOL + "allow_nan=None", "allow_nan-None"),
+    _bad(logits, {"allow_infinity": "yes"}, _BOOL + "allow_infinity='yes'", "allow_infinity-str"),
+    # shapes
+    _bad(shapes, {"min_dims": -1}, "Expected min_dims >= 0 but got min_dims=-1", "min_dims-neg"),
+    _bad(shapes, {"min_dims": 1.0}, _INT + "min_dims=1.0 (type=float)", "min_dims-float"),
+    _bad(shapes, {"max_dims": True}, _INT + "max_dims=True (type=bool)", "max_dims-bool"),
+    _bad(shapes, {"max_dims": None}, _INT + "max_dims=None", "max_dims-None"),
+    _bad(
+        shapes,
+        {"min_dims": 4, "max_dims": 3},
+        "Expected min_dims <= max_dims but got min_dims=4 > max_dims=3",
+        "min_dims-above-max_dims",
+    ),
+    _bad(shapes, {"min_side": -1}, "Expected min_side >= 0 but got min_side=-1", "min_side-neg"),
+    _bad(shapes, {"min_side": False}, _INT + "min_side=False (type=bool)", "min_side-bool"),
+    _bad(shapes, {"max_side": 2.5}, _INT + "max_side=2.5 (type=float)", "max_side-float"),
+    _bad(shapes, {"max_side": -1}, "Expected max_side >= 0 but got max_side=-1", "max_side-neg"),
+    _bad(
+        shapes,
+        {"min_side": 3, "max_side": 2},
+        "Expected min_side <= max_side but got min_side=3 > max_side=2",
+        "min_side-above-max_side",
+    ),
+    # axes_for
+    _bad(axes_for, {"ndim": 0}, "Expected ndim >= 1 but got ndim=0", "ndim-zero"),
+    _bad(axes_for, {"ndim": -2}, "Expected ndim >= 1 but got ndim=-2", "ndim-negative"),
+    _bad(axes_for, {"ndim": True}, _INT + "ndim=True (type=bool)", "ndim-bool"),
+    _bad(axes_for, {"ndim": 2.0}, _INT + "ndim=2.0 (type=float)", "ndim-float"),
+    _bad(axes_for, {"ndim": (2, 3)}, _INT + "ndim=(2, 3) (type=tuple)", "ndim-a-shape"),
+    _bad(
+        axes_for,
+        {"ndim": 2, "allow_tuple": 1},
+        _BOOL + "allow_tuple=1 (type=int)",
+        "allow_tuple-int",
+    ),
+    _bad(
+        axes_for, {"ndim": 2, "allow_tuple": None}, _BOOL + "allow_tuple=None", "allow_tuple-None"
+    ),
+    # where_masks
+    _bad(where_masks, {"shape": None}, _MASK_SHAPE + "shape=None", "shape-None"),
+    _bad(where_masks, {"shape": 2}, _MASK_SHAPE + "shape=2 (type=int)", "shape-an-int"),
+    _bad(where_masks, {"shape": (2, -1)}, _MASK_SHAPE + "shape=(2, -1)", "shape-negative-side"),
+    _bad(where_masks, {"shape": (1.5,)}, _MASK_SHAPE + "shape=(1.5,)", "shape-float-side"),
+    _bad(where_masks, {"shape": (False,)}, _MASK_SHAPE + "shape=(False,)", "shape-bool-side"),
+    _bad(where_masks, {"shape": st.just((2,))}, _MASK_SHAPE + "shape=just((2,))", "shape-strategy"),
+    # dtypes
+    _bad(dtypes, {"floats_only": 1}, _BOOL + "floats_only=1 (type=int)", "floats_only-int"),
+    _bad(dtypes, {"floats_only": "no"}, _BOOL + "floats_only='no'", "floats_only-str"),
+    # softmax_cases
+    _bad(softmax_cases, {"regime": "bogus"}, _REGIME + "regime='bogus'", "regime-unknown"),
+    _bad(softmax_cases, {"regime": ("huge",)}, _REGIME + "regime=('huge',)", "regime-a-tuple"),
+    _bad(softmax_cases, {"allow_nan": 0}, _BOOL + "allow_nan=0 (type=int)", "allow_nan-int"),
+    _bad(
+        softmax_cases,
+        {"allow_infinity": None},
+        _BOOL + "allow_infinity=None",
+        "allow_infinity-None",
+    ),
+    _bad(
+        softmax_cases,
+        {"with_where": 1},
+        "Expected a bool or None but got with_where=1 (type=int)",
+        "with_where-int",
+    ),
+    _bad(
+        softmax_cases,
+        {"with_where": "always"},
+        "Expected a bool or None but got with_where='always'",
+        "with_where-str",
+    ),
+    _bad(
+        softmax_cases,
+        {"allow_tuple_axis": None},
+        _BOOL + "allow_tuple_axis=None",
+        "allow_tuple_axis-None",
+    ),
+    _bad(softmax_cases, {"max_side": 0}, "Expected max_side >= 1 but got max_side=0", "max_side-0"),
+    _bad(softmax_cases, {"max_side": True}, _INT + "max_side=True (type=bool)", "max_side-bool"),
+    _bad(softmax_cases, {"max_side": 2.5}, _INT + "max_side=2.5 (type=float)", "max_side-float"),
+    _bad(softmax_cases, {"max_dims": 0}, "Expected max_dims >= 1 but got max_dims=0", "max_dims-0"),
+    _bad(softmax_cases, {"max_dims": False}, _INT + "max_dims=False (type=bool)", "max_dims-bool"),
+    _bad(softmax_cases, {"max_dims": "3"}, _INT + "max_dims='3' (type=str)", "max_dims-str"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "kwargs", "message"), BAD_ARGUMENTS)
+def test_bad_argument_is_refused_at_build(
+    strategy: Callable[..., Any], kwargs: dict[str, Any], message: str
+) -> None:
+    """The call itself raises: nothing is drawn (no .example(), find or given)."""
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        strategy(**kwargs)
+
+
+#: every public strategy with its default (or minimal) arguments, and some valid others
+VALID = {
+    "logits()": lambda: logits(),
+    "logits(list shape, regime)": lambda: logits([2, 3], regime="ties", allow_nan=False),
+    "logits(shape strategy)": lambda: logits(shapes(min_side=1), allow_infinity=False),
+    "shapes()": lambda: shapes(),
+    "shapes(numpy ints, no dims)": lambda: shapes(np.int64(0), 0, np.int64(2), 2),
+    "axes_for(1)": lambda: axes_for(1),
+    "axes_for(numpy int)": lambda: axes_for(np.int64(3), allow_tuple=True),
+    "where_masks(())": lambda: where_masks(()),
+    "where_masks([2, 0])": lambda: where_masks([2, 0]),
+    "dtypes()": lambda: dtypes(),
+    "softmax_cases()": lambda: softmax_cases(),
+    "softmax_cases(smallest)": lambda: softmax_cases(max_side=1, max_dims=1, with_where=True),
+}
+
+
+@pytest.mark.parametrize("build", list(VALID.values()), ids=list(VALID))
+def test_valid_arguments_build_and_draw(build: Callable[[], st.SearchStrategy[Any]]) -> None:
+    find(build(), lambda _: True, settings=FIND)

@@ -27,12 +27,16 @@ docstring says (``hypothesis.find``).
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
@@ -74,9 +78,9 @@ _FEATURE_KEYS = {
 
 
 def _arr_repr(a: Any) -> str:
-    from attnspec.spec.properties.softmax import _array_repr
+    from attnspec.spec.properties._core import array_repr
 
-    return _array_repr(np.asarray(a))
+    return array_repr(np.asarray(a))
 
 
 @dataclass(frozen=True)
@@ -380,31 +384,99 @@ def _poison(draw: st.DrawFn, case: AttentionCase) -> AttentionCase:
     return AttentionCase(q, k, v, kw)
 
 
-@st.composite
+# ---------------------------------------------------------------------------------------
+# The public strategy: arguments checked when it is built
+# ---------------------------------------------------------------------------------------
+
+#: the features that hide positions, where ``poison`` puts NaN and inf
+_HIDING = ("mask", "causal", "window")
+
+
+def _got(name: str, value: object) -> str:
+    return f"{name}={value!r} (type={type(value).__name__})"
+
+
+def _check_features(features: object) -> frozenset[str]:
+    """``features`` as a frozenset; InvalidArgument unless it is a collection (a set,
+    tuple or list, not a str) of names from :data:`FEATURES`."""
+    if isinstance(features, (str, bytes)) or not isinstance(features, (AbstractSet, Sequence)):
+        raise InvalidArgument(
+            f"Expected a set or tuple of names from {FEATURES!r} but got "
+            + _got("features", features)
+        )
+    odd = [f for f in features if not isinstance(f, str)]
+    if odd:
+        raise InvalidArgument(
+            f"Expected feature names (str) from {FEATURES!r} but got features={features!r}, "
+            f"with {odd!r}"
+        )
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise InvalidArgument(
+            f"Expected features from {FEATURES!r} but got features={features!r}, with "
+            f"unknown {unknown!r}"
+        )
+    return frozenset(features)
+
+
+def _check_attention_args(
+    features: object, magnitude: object, max_side: object, poison: object
+) -> frozenset[str]:
+    """InvalidArgument for a bad argument of :func:`attention_cases`; the features."""
+    feats = _check_features(features)
+    if magnitude is not None and (not isinstance(magnitude, str) or magnitude not in MAGNITUDES):
+        raise InvalidArgument(
+            f"Expected None or one of {MAGNITUDES!r} but got {_got('magnitude', magnitude)}"
+        )
+    if isinstance(max_side, bool) or not isinstance(max_side, numbers.Integral):
+        raise InvalidArgument(f"Expected an int but got {_got('max_side', max_side)}")
+    if max_side < 1:
+        raise InvalidArgument(f"Expected max_side >= 1 but got max_side={max_side!r}")
+    if poison is not None and not isinstance(poison, bool):
+        raise InvalidArgument(f"Expected a bool or None but got {_got('poison', poison)}")
+    if poison is True and not feats & set(_HIDING):
+        raise InvalidArgument(
+            f"poison=True needs a feature that hides positions, one of {_HIDING!r}, but got "
+            f"features={features!r}: nothing would be poisoned"
+        )
+    return feats
+
+
 def attention_cases(
-    draw: st.DrawFn,
     *,
     features: frozenset[str] | set[str] | tuple[str, ...] = FEATURES,
     magnitude: str | None = None,
     max_side: int = 4,
     poison: bool | None = None,
-) -> AttentionCase:
+) -> st.SearchStrategy[AttentionCase]:
     """An :class:`AttentionCase` using only ``features`` (default: all of them).
 
     ``magnitude``: one of :data:`MAGNITUDES`, or None to draw one (moderate half the
-    time). ``max_side`` bounds L and S (keep it small for the exact reference).
-    ``poison``: put NaN/inf at hidden positions always, never, or (None) in one case in
-    three.
+    time). ``max_side`` (at least 1) bounds L and S (keep it small for the exact
+    reference). ``poison``: put NaN/inf at hidden positions always (``features`` must
+    then include mask, causal or window), never, or (None) in one case in three.
+
+    Bad arguments raise :class:`hypothesis.errors.InvalidArgument` here, when the
+    strategy is built, not when a case is drawn.
     """
+    feats = _check_attention_args(features, magnitude, max_side, poison)
+    return _attention_cases(features=feats, magnitude=magnitude, max_side=max_side, poison=poison)
+
+
+@st.composite
+def _attention_cases(
+    draw: st.DrawFn,
+    *,
+    features: frozenset[str],
+    magnitude: str | None,
+    max_side: int,
+    poison: bool | None,
+) -> AttentionCase:
+    """:func:`attention_cases`, its arguments checked."""
     feats = frozenset(features)
-    unknown = feats - set(FEATURES)
-    if unknown:
-        raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
     sh = draw(_shapes("gqa" in feats, max_side))
     if magnitude is None:
         magnitude = "moderate" if draw(st.booleans()) else draw(st.sampled_from(MAGNITUDES[1:]))
-    if magnitude not in MAGNITUDES:
-        raise ValueError(f"magnitude must be one of {MAGNITUDES}, got {magnitude!r}")
     q, k, v, kw = _numbers(draw, sh, magnitude)
     case = AttentionCase(q, k, v, kw)
     kw.update(draw(_modifiers(sh, feats, case.logits_shape)))

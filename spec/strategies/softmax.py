@@ -6,10 +6,17 @@ subnormal, ties) and then, optionally, sprinkling special values (+-inf, NaN, -0
 :func:`softmax_cases` combines logits with an axis and a ``where`` mask into a
 :class:`SoftmaxCase`. Every strategy is tested in ``tests/test_strategies.py`` to reach
 what its docstring says.
+
+Like :mod:`hypothesis.extra.numpy`, every public strategy checks its arguments, but
+when it is built (called), not when a value is drawn: a bad one raises
+:class:`hypothesis.errors.InvalidArgument` naming the argument, its value and what was
+expected.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +24,7 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.extra import numpy as hnp
 
 __all__ = [
@@ -72,6 +80,55 @@ class SoftmaxCase:
         return f"SoftmaxCase(x={self.x.tolist()!r}, axis={self.axis!r}{w})"
 
 
+# ---------------------------------------------------------------------------------------
+# Argument checks: at build time, in the style of hypothesis.extra.numpy
+# ---------------------------------------------------------------------------------------
+
+
+def _got(name: str, value: object) -> str:
+    return f"{name}={value!r} (type={type(value).__name__})"
+
+
+def _check_bool(value: object, name: str, *, allow_none: bool = False) -> None:
+    """InvalidArgument unless ``value`` is a bool (or None, with ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        expected = "a bool or None" if allow_none else "a bool"
+        raise InvalidArgument(f"Expected {expected} but got {_got(name, value)}")
+
+
+def _check_int(value: object, name: str, *, at_least: int) -> None:
+    """InvalidArgument unless ``value`` is an integer (not a bool) >= ``at_least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgument(f"Expected an int but got {_got(name, value)}")
+    if value < at_least:
+        raise InvalidArgument(f"Expected {name} >= {at_least} but got {name}={value!r}")
+
+
+def _check_order(lo: int, hi: int, lo_name: str, hi_name: str) -> None:
+    """InvalidArgument unless ``lo <= hi``."""
+    if lo > hi:
+        raise InvalidArgument(
+            f"Expected {lo_name} <= {hi_name} but got {lo_name}={lo!r} > {hi_name}={hi!r}"
+        )
+
+
+def _check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    """InvalidArgument unless ``value`` is None or one of ``choices``."""
+    if value is None:
+        return
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgument(f"Expected None or one of {choices!r} but got {_got(name, value)}")
+
+
+def _is_shape(value: object) -> bool:
+    """A tuple or list of non-negative ints (not bools), as hnp.arrays takes."""
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in value
+    )
+
+
 def _regime_elements(regime: str) -> st.SearchStrategy[float]:
     """Finite float64 values of one regime."""
     if regime == "moderate":
@@ -91,15 +148,13 @@ def _regime_elements(regime: str) -> st.SearchStrategy[float]:
     raise ValueError(f"no elements for regime {regime!r}")
 
 
-@st.composite
 def logits(
-    draw: st.DrawFn,
-    shape: tuple[int, ...] | st.SearchStrategy[tuple[int, ...]] | None = None,
+    shape: Sequence[int] | st.SearchStrategy[tuple[int, ...]] | None = None,
     *,
     regime: str | None = None,
     allow_nan: bool = True,
     allow_infinity: bool = True,
-) -> F64:
+) -> st.SearchStrategy[F64]:
     """float64 logits that reach the hard cases of softmax numerics.
 
     One regime per array (``regime=None``: drawn from :data:`REGIMES`):
@@ -115,14 +170,34 @@ def logits(
     * ``ties``: every entry one of at most three values (ties of the maximum included).
 
     Then, with ``allow_infinity``/``allow_nan``, some entries may become +inf, -inf or
-    NaN (about one array in three). ``shape`` defaults to :func:`shapes`.
+    NaN (about one array in three). ``shape`` (a tuple of non-negative ints, or a
+    strategy of them) defaults to :func:`shapes`.
     """
+    if not (shape is None or isinstance(shape, st.SearchStrategy) or _is_shape(shape)):
+        raise InvalidArgument(
+            "Expected None, a strategy of shapes or a tuple of non-negative ints but got "
+            + _got("shape", shape)
+        )
+    _check_choice(regime, "regime", REGIMES)
+    _check_bool(allow_nan, "allow_nan")
+    _check_bool(allow_infinity, "allow_infinity")
+    return _logits(shape, regime=regime, allow_nan=allow_nan, allow_infinity=allow_infinity)
+
+
+@st.composite
+def _logits(
+    draw: st.DrawFn,
+    shape: Sequence[int] | st.SearchStrategy[tuple[int, ...]] | None,
+    *,
+    regime: str | None,
+    allow_nan: bool,
+    allow_infinity: bool,
+) -> F64:
+    """:func:`logits`, its arguments checked."""
     if shape is None:
         shape = shapes()
     shp = draw(shape) if isinstance(shape, st.SearchStrategy) else tuple(shape)
     reg = regime if regime is not None else draw(st.sampled_from(REGIMES))
-    if reg not in REGIMES:
-        raise ValueError(f"regime must be one of {REGIMES!r}, got {reg!r}")
     size = int(np.prod(shp, dtype=np.int64))
     if reg == "ties":
         pool = draw(
@@ -155,6 +230,12 @@ def shapes(
 ) -> st.SearchStrategy[tuple[int, ...]]:
     """Array shapes, empty sides (0) included by default; small, so the exact reference
     stays fast."""
+    _check_int(min_dims, "min_dims", at_least=0)
+    _check_int(max_dims, "max_dims", at_least=0)
+    _check_order(min_dims, max_dims, "min_dims", "max_dims")
+    _check_int(min_side, "min_side", at_least=0)
+    _check_int(max_side, "max_side", at_least=0)
+    _check_order(min_side, max_side, "min_side", "max_side")
     # drawn side by side (hnp.array_shapes favours sides of 1 and 2 strongly)
     return st.integers(min_dims, max_dims).flatmap(
         lambda nd: st.tuples(*[st.integers(min_side, max_side)] * nd)
@@ -164,16 +245,29 @@ def shapes(
 def axes_for(ndim: int, *, allow_tuple: bool = True) -> st.SearchStrategy[Any]:
     """A valid ``axis`` for an array of ``ndim`` dimensions: an int (negative ones too),
     and with ``allow_tuple`` a tuple of distinct axes or None (all axes)."""
+    _check_int(ndim, "ndim", at_least=1)
+    _check_bool(allow_tuple, "allow_tuple")
+    ndim = int(ndim)  # hnp.valid_tuple_axes takes a plain int
     ints = st.integers(-ndim, ndim - 1)
     if not allow_tuple:
         return ints
     return st.one_of(ints, hnp.valid_tuple_axes(ndim, min_size=1), st.none())
 
 
+def where_masks(shape: Sequence[int]) -> st.SearchStrategy[npt.NDArray[np.bool_]]:
+    """A bool mask that broadcasts to ``shape`` (a tuple of non-negative ints): of that
+    shape or a broadcastable one (fewer dimensions, sides of 1), all True, all False, or
+    random."""
+    if not _is_shape(shape):
+        raise InvalidArgument(
+            "Expected a tuple of non-negative ints but got " + _got("shape", shape)
+        )
+    return _where_masks(shape)
+
+
 @st.composite
-def where_masks(draw: st.DrawFn, shape: tuple[int, ...]) -> npt.NDArray[np.bool_]:
-    """A bool mask that broadcasts to ``shape``: of that shape or a broadcastable one
-    (fewer dimensions, sides of 1), all True, all False, or random."""
+def _where_masks(draw: st.DrawFn, shape: Sequence[int]) -> npt.NDArray[np.bool_]:
+    """:func:`where_masks`, its argument checked."""
     # a suffix of shape's dimensions, each side kept or replaced by 1
     k = draw(st.integers(0, len(shape)))
     suffix = shape[len(shape) - k :]
@@ -189,13 +283,12 @@ def where_masks(draw: st.DrawFn, shape: tuple[int, ...]) -> npt.NDArray[np.bool_
 def dtypes(*, floats_only: bool = False) -> st.SearchStrategy[np.dtype[Any]]:
     """Input dtypes: float16, bfloat16 (ml_dtypes), float32, float64, and signed and
     unsigned integers of every width (unless ``floats_only``)."""
+    _check_bool(floats_only, "floats_only")
     pool = [d for d in DTYPES if d.kind in "fV"] if floats_only else list(DTYPES)
     return st.sampled_from(pool)
 
 
-@st.composite
 def softmax_cases(
-    draw: st.DrawFn,
     *,
     regime: str | None = None,
     allow_nan: bool = True,
@@ -204,12 +297,44 @@ def softmax_cases(
     allow_tuple_axis: bool = True,
     max_side: int = 6,
     max_dims: int = 3,
-) -> SoftmaxCase:
+) -> st.SearchStrategy[SoftmaxCase]:
     """A :class:`SoftmaxCase`: :func:`logits`, an axis from :func:`axes_for` and a mask
     from :func:`where_masks` (``with_where``: always, never, or None: half the time).
 
-    About one case in ten may have empty sides (and so empty slices or an empty x).
+    ``max_side`` and ``max_dims`` (both at least 1) bound the shape. About one case in
+    ten may have empty sides (and so empty slices or an empty x).
     """
+    _check_choice(regime, "regime", REGIMES)
+    _check_bool(allow_nan, "allow_nan")
+    _check_bool(allow_infinity, "allow_infinity")
+    _check_bool(with_where, "with_where", allow_none=True)
+    _check_bool(allow_tuple_axis, "allow_tuple_axis")
+    _check_int(max_side, "max_side", at_least=1)
+    _check_int(max_dims, "max_dims", at_least=1)
+    return _softmax_cases(
+        regime=regime,
+        allow_nan=allow_nan,
+        allow_infinity=allow_infinity,
+        with_where=with_where,
+        allow_tuple_axis=allow_tuple_axis,
+        max_side=max_side,
+        max_dims=max_dims,
+    )
+
+
+@st.composite
+def _softmax_cases(
+    draw: st.DrawFn,
+    *,
+    regime: str | None,
+    allow_nan: bool,
+    allow_infinity: bool,
+    with_where: bool | None,
+    allow_tuple_axis: bool,
+    max_side: int,
+    max_dims: int,
+) -> SoftmaxCase:
+    """:func:`softmax_cases`, its arguments checked."""
     # one case in ten may have empty sides; the others have at least one entry per side
     min_side = 0 if draw(st.integers(0, 9)) == 0 else 1
     shape = draw(shapes(max_dims=max_dims, min_side=min_side, max_side=max_side))
