@@ -44,6 +44,10 @@ class Check:
     #: examples: this many at most (None: the profile's max_examples)
     max_examples: int | None = None
     needs_where: bool = False
+    #: a drawn value -> the property's arguments after the family (default: a case)
+    arguments: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]] = field(
+        default=lambda case: ((case.x, case.axis, case.where), {})
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ def _with_perm(family: props.SoftmaxFamily) -> st.SearchStrategy[Any]:
     return make()
 
 
+def _case_and(keyword: str) -> Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Arguments for a drawn ``(case, value)``: the case, and ``keyword=value``."""
+    return lambda drawn: ((drawn[0].x, drawn[0].axis, drawn[0].where), {keyword: drawn[1]})
+
+
 BATTERY: list[Check] = [
     Check(
         "sum_to_one",
@@ -121,6 +130,7 @@ BATTERY: list[Check] = [
         "within the derived bound (Hypothesis, hard logits, random c)",
         props.check_shift_invariance,
         _with_shift,
+        arguments=_case_and("c"),
     ),
     Check(
         "permutation",
@@ -128,6 +138,7 @@ BATTERY: list[Check] = [
         "(Hypothesis, random permutations)",
         props.check_permutation,
         _with_perm,
+        arguments=_case_and("perm"),
     ),
     Check(
         "order",
@@ -165,14 +176,8 @@ BATTERY: list[Check] = [
 
 
 def _call(check: Check, family: props.SoftmaxFamily, drawn: Any) -> None:
-    if check.prop is props.check_shift_invariance:
-        case, c = drawn
-        check.prop(family, case.x, case.axis, case.where, c=c)
-    elif check.prop is props.check_permutation:
-        case, perm = drawn
-        check.prop(family, case.x, case.axis, case.where, perm=perm)
-    else:
-        check.prop(family, drawn.x, drawn.axis, drawn.where)
+    args, kwargs = check.arguments(drawn)
+    check.prop(family, *args, **kwargs)
 
 
 def _given(

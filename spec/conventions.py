@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
-    "FEATURES",
+    "FACT_ROWS",
     "HEADER_FIELDS",
     "PRESETS",
     "REPOSITORIES",
@@ -142,11 +142,11 @@ class Convention:
 
     def facts(self) -> dict[str, Fact]:
         """The facts in table order, keyed by field name."""
-        return {name: getattr(self, name) for name, _ in FEATURES}
+        return {name: getattr(self, name) for name, _ in FACT_ROWS}
 
 
 #: (field name, row label) in the order of the docs table.
-FEATURES: tuple[tuple[str, str], ...] = (
+FACT_ROWS: tuple[tuple[str, str], ...] = (
     ("default_scale", "default scale"),
     ("mask_semantics", "mask"),
     ("mask_dtypes", "mask dtypes"),
@@ -892,7 +892,7 @@ def _cell(fact: Fact, refs: dict[str, int]) -> str:
 def markdown_table(names: tuple[str, ...] | None = None) -> str:
     """The conventions table of ``docs/conventions.md``, with a numbered list of sources.
 
-    Rows are :data:`FEATURES`, columns the presets ``names`` (default: all, canonical
+    Rows are :data:`FACT_ROWS`, columns the presets ``names`` (default: all, canonical
     first); each cell is the fact's value followed by footnote marks for its sources, and
     the footnotes (one per distinct source) follow the table. Notes are not rendered: the
     docs explain the differences in prose.
@@ -907,7 +907,7 @@ def markdown_table(names: tuple[str, ...] | None = None) -> str:
         "| feature | " + " | ".join(c.title for c in chosen) + " |",
         "|---|" + "---|" * len(chosen),
     ]
-    for field_name, label in FEATURES:
+    for field_name, label in FACT_ROWS:
         cells = [_cell(getattr(c, field_name), refs) for c in chosen]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -36,13 +36,13 @@ import scipy.special
 
 import attnspec
 from attnspec.spec import conventions as conv
-from attnspec.spec.conventions import FEATURES, HEADER_FIELDS, PRESETS, Fact
+from attnspec.spec.conventions import FACT_ROWS, HEADER_FIELDS, PRESETS, Fact
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "conventions.md"
 BEGIN = "<!-- BEGIN GENERATED: spec.conventions.markdown_table() -->"
 END = "<!-- END GENERATED -->"
 
-ALL_FACTS = [(name, field) for name in PRESETS for field, _ in FEATURES]
+ALL_FACTS = [(name, field) for name in PRESETS for field, _ in FACT_ROWS]
 
 # An attention implementation as the probes see it: numpy (H, L, E), (Hkv, S, E), (Hkv, S, Ev)
 # in, numpy (H, L, Ev) out; ``mask`` is bool (L, S) with True = may attend.
@@ -63,8 +63,8 @@ def test_preset_names_are_unique_and_match_their_keys() -> None:
 
 def test_convention_fields_are_the_header_and_the_features() -> None:
     fields = tuple(f.name for f in dataclasses.fields(conv.Convention))
-    assert fields == HEADER_FIELDS + tuple(name for name, _ in FEATURES)
-    assert len({label for _, label in FEATURES}) == len(FEATURES)
+    assert fields == HEADER_FIELDS + tuple(name for name, _ in FACT_ROWS)
+    assert len({label for _, label in FACT_ROWS}) == len(FACT_ROWS)
 
 
 @pytest.mark.parametrize(("preset", "field"), ALL_FACTS, ids=[f"{p}.{f}" for p, f in ALL_FACTS])
@@ -147,7 +147,7 @@ def test_docs_table_is_generated_from_the_presets() -> None:
 def test_markdown_table_has_one_row_per_feature_and_a_footnote_per_source() -> None:
     table = conv.markdown_table()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(FEATURES)
+    assert len(rows) == 1 + len(FACT_ROWS)
     assert all(row.count(" | ") == len(PRESETS) for row in rows)
     marks = set(re.findall(r"\[\^(\d+)\](?!:)", table))
     notes = set(re.findall(r"^\[\^(\d+)\]:", table, flags=re.MULTILINE))

@@ -271,7 +271,7 @@ BROKEN = [
     ),
     (
         "2 ulp error claimed faithful",
-        _broken("faithful", softmax=_nudge(2)),
+        _broken("accurate", softmax=_nudge(2)),
         P.check_agreement,
         _X,
         {},
@@ -347,7 +347,7 @@ def test_fast_bound_is_not_met_by_a_faithful_claim() -> None:
         _fast("softmax"),
         _fast("log_softmax"),
         _fast("logsumexp"),
-        accuracy="faithful",
+        accuracy="accurate",
     )
     with pytest.raises(P.PropertyViolation, match="softmax"):
         P.check_agreement(fast_as_faithful, np.array([700.0, 0.3]))
@@ -355,11 +355,11 @@ def test_fast_bound_is_not_met_by_a_faithful_claim() -> None:
 
 
 def test_violation_message_names_worst_element_bound_and_reproduction() -> None:
-    family = _broken("faithful", softmax=_nudge(3))
+    family = _broken("accurate", softmax=_nudge(3))
     with pytest.raises(P.PropertyViolation) as info:
         P.check_agreement(family, np.array([0.0, 1.0]))
     msg = str(info.value)
-    assert "softmax at index" in msg and "ulp" in msg and "faithful bound" in msg
+    assert "softmax at index" in msg and "ulp" in msg and "accurate bound" in msg
     assert "broken.softmax(x=np.array([0.0, 1.0]), axis=-1)" in msg
     assert info.value.property == "agreement"
 

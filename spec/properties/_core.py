@@ -8,24 +8,50 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import mpmath
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.spec.tolerances._core import ACCURACIES, Accuracy
+
 __all__ = [
+    "ACCURACIES",
+    "Accuracy",
     "PropertyViolation",
     "abs_error",
     "array_repr",
     "caller_name",
+    "check_accuracy",
+    "claims_of",
     "float_repr",
     "same",
+    "tests_claims",
     "two_sum_error",
 ]
 
 F64 = npt.NDArray[np.float64]
+Check = TypeVar("Check", bound=Callable[..., None])
 _DBL_MAX = float(np.finfo(np.float64).max)
+
+
+def check_accuracy(accuracy: object) -> Accuracy:
+    """``accuracy`` if it is a claim of :data:`ACCURACIES` or a number >= 0, else ValueError."""
+    if isinstance(accuracy, str):
+        if accuracy not in ACCURACIES:
+            raise ValueError(
+                f"accuracy must be one of {ACCURACIES!r} or a number >= 0, got {accuracy!r}"
+            )
+        return accuracy
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int | float | np.floating):
+        raise ValueError(
+            f"accuracy must be one of {ACCURACIES!r} or a number >= 0, got {accuracy!r}"
+        )
+    if not float(accuracy) >= 0:
+        raise ValueError(f"an explicit accuracy must be a number >= 0, got {accuracy!r}")
+    return float(accuracy)
 
 
 class PropertyViolation(AssertionError):
@@ -102,3 +128,21 @@ def array_repr(a: npt.NDArray[Any], limit: int = 400) -> str:
         formatter={"float_kind": float_repr, "bool": lambda b: str(bool(b))},  # type: ignore[arg-type]
     )
     return f"np.array({body})"
+
+
+def tests_claims(*names: str) -> Callable[[Check], Check]:
+    """Mark a property with the claims of :mod:`attnspec.spec.derivations` it tests on an
+    implementation (none: it tests the definition as a whole, e.g. agreement with the
+    exact arithmetic). tests/test_claims_coverage.py requires every claim to be tested by
+    some property or listed in :data:`attnspec.spec.properties.SYMBOLIC_ONLY`."""
+
+    def mark(check: Check) -> Check:
+        check.claims = tuple(names)  # type: ignore[attr-defined]
+        return check
+
+    return mark
+
+
+def claims_of(check: Callable[..., None]) -> tuple[str, ...]:
+    """The claims a property tests (:func:`tests_claims`); AttributeError if unmarked."""
+    return tuple(check.claims)  # type: ignore[attr-defined]

@@ -43,10 +43,13 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.spec.properties._core import (
+    Accuracy,
     PropertyViolation,
     abs_error,
     caller_name,
+    check_accuracy,
     same,
+    tests_claims,
     two_sum_error,
 )
 from attnspec.spec.strategies.attention import FEATURES, AttentionCase, case_visibility
@@ -119,7 +122,7 @@ class AttentionImpl:
     name: str
     fn: SdpaFn
     features: frozenset[str] = field(default_factory=lambda: frozenset(FEATURES))
-    accuracy: str | float = "fast"
+    accuracy: Accuracy = "fast"
     floor: float = 0.0
     call: str | None = None
 
@@ -127,13 +130,7 @@ class AttentionImpl:
         return f"AttentionImpl({self.name!r}, accuracy={self.accuracy!r})"
 
     def __post_init__(self) -> None:
-        if isinstance(self.accuracy, str):
-            if self.accuracy not in ("accurate", "fast"):
-                raise ValueError(
-                    f"accuracy must be 'accurate', 'fast' or a float, got {self.accuracy!r}"
-                )
-        elif not float(self.accuracy) >= 0:
-            raise ValueError(f"an explicit accuracy must be a number >= 0, got {self.accuracy!r}")
+        check_accuracy(self.accuracy)
         unknown = set(self.features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
@@ -380,6 +377,7 @@ def _colwise(kw: dict[str, Any], index: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
+@tests_claims("weights-convex", "sink-rescales")
 def check_weights_convex(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``weights-convex``: each row of weights sums to one and every output lies in
     the range of the visible values of its column.
@@ -447,6 +445,7 @@ def check_weights_convex(impl: AttentionImpl, case: AttentionCase) -> None:
         )
 
 
+@tests_claims("empty-row")
 def check_empty_rows(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``empty-row``: a row that sees nothing gives output exactly 0 and lse
     :math:`-\infty`; with a sink, output 0 and lse :math:`\sigma_h` (within the lse bound).
@@ -479,6 +478,7 @@ def check_empty_rows(impl: AttentionImpl, case: AttentionCase) -> None:
     _compare(impl, case, "lse of an empty row with a sink vs the sink", lse, sig, e_l, empty, True)
 
 
+@tests_claims("query-permutation-equivariance")
 def check_query_permutation(impl: AttentionImpl, case: AttentionCase, perm: Any = None) -> None:
     r"""Claim ``query-permutation-equivariance``: permuting the queries (and the rows of
     mask, bias and keep-mask) permutes the outputs and the lse.
@@ -507,6 +507,7 @@ def check_query_permutation(impl: AttentionImpl, case: AttentionCase, perm: Any 
         _compare(impl, moved, "lse after permuting the queries back", lback, lse, allowed, lse=True)
 
 
+@tests_claims("key-value-permutation-invariance")
 def check_key_value_permutation(impl: AttentionImpl, case: AttentionCase, perm: Any = None) -> None:
     r"""Claim ``key-value-permutation-invariance``: permuting keys and values together
     (and the columns of mask, bias and keep-mask) changes nothing.
@@ -549,6 +550,7 @@ def _per_row_q_dot(case: AttentionCase, vec: F64) -> F64:
     return out[0] if (case.q.ndim == 2 and case.k.ndim == 2) else out
 
 
+@tests_claims("key-shift-invariance")
 def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None) -> None:
     r"""Claim ``key-shift-invariance``: :math:`K + \mathbf{1}u^\top` gives the same output;
     the lse moves by :math:`\tau\, q_i \cdot u`.
@@ -612,6 +614,7 @@ def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None)
                 )
 
 
+@tests_claims("value-affine-equivariance")
 def check_value_affine(
     impl: AttentionImpl, case: AttentionCase, shift: Any = None, matrix: Any = None
 ) -> None:
@@ -663,6 +666,7 @@ def check_value_affine(
     _compare(impl, mapped, "output with V W vs O W", out3, want3, allowed3, rows)
 
 
+@tests_claims("scale-zero-mean")
 def check_scale_zero(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``scale-zero-mean``: with scale 0 the output is the mean of the visible
     values (0 for a row that sees nothing), and the lse is :math:`\log n`.
@@ -707,6 +711,7 @@ def check_scale_zero(impl: AttentionImpl, case: AttentionCase) -> None:
         )
 
 
+@tests_claims("scaling-variance")
 def check_default_scale(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``scaling-variance`` (why the scale is :math:`1/\sqrt E`): leaving ``scale``
     out is ``scale=1/sqrt(E)``.
@@ -740,6 +745,7 @@ def _square(case: AttentionCase) -> AttentionCase:
     return AttentionCase(case.q[..., :n, :], case.k[..., :n, :], case.v[..., :n, :], kw)
 
 
+@tests_claims("causal-prefix")
 def check_causal_prefix(impl: AttentionImpl, case: AttentionCase, t: int | None = None) -> None:
     r"""Claim ``causal-prefix``: under causal attention (:math:`L = S`) the first :math:`t`
     outputs are attention over the first :math:`t` queries, keys and values.
@@ -768,6 +774,7 @@ def check_causal_prefix(impl: AttentionImpl, case: AttentionCase, t: int | None 
         _compare(impl, prefix, "prefix lse", lse2, lse[..., :tt], el1[..., :tt] + el2, lse=True)
 
 
+@tests_claims("kv-cache-bottom-right")
 def check_kv_cache(impl: AttentionImpl, case: AttentionCase, n_new: int | None = None) -> None:
     r"""Claim ``kv-cache-bottom-right``: the newest :math:`n` queries against all
     :math:`S` keys with the bottom-right alignment give the last :math:`n` rows of full
@@ -804,6 +811,7 @@ def check_kv_cache(impl: AttentionImpl, case: AttentionCase, n_new: int | None =
         )
 
 
+@tests_claims("alignments")
 def check_alignments(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``alignments``: when :math:`L = S` the two alignments (and none) coincide.
 
@@ -825,6 +833,7 @@ def check_alignments(impl: AttentionImpl, case: AttentionCase) -> None:
             _compare(impl, other, f"lse, align={align!r}", lse2, lse, el1 + el2, lse=True)
 
 
+@tests_claims("hidden-key")
 def check_hidden_key(impl: AttentionImpl, case: AttentionCase, key: int | None = None) -> None:
     r"""Claim ``hidden-key``: a key hidden by the mask, a key with bias :math:`-\infty` and
     a key removed give the same output and lse.
@@ -860,6 +869,7 @@ def check_hidden_key(impl: AttentionImpl, case: AttentionCase, key: int | None =
             _compare(impl, other, f"lse, key {j} {name} vs removed", lse, lse0, el + el0, lse=True)
 
 
+@tests_claims("gqa-repeat")
 def check_gqa_repeat(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``gqa-repeat``: grouped-query attention equals attention with each kv head
     repeated :math:`G = H_q / H_{kv}` times (query head :math:`h` reads kv head
@@ -879,6 +889,7 @@ def check_gqa_repeat(impl: AttentionImpl, case: AttentionCase) -> None:
         _compare(impl, rep, "lse, GQA vs repeated", lse, lse2, el1 + el2, lse=True)
 
 
+@tests_claims("sink-rescales")
 def check_sink_as_key(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``sink-rescales``: a sink :math:`\sigma_h` is one more key, seen by every
     query and always kept, with logit :math:`\sigma_h` and value 0.
@@ -918,6 +929,7 @@ def check_sink_as_key(impl: AttentionImpl, case: AttentionCase) -> None:
         _compare(impl, as_key, "lse, sink vs extra key", lse2, lse, el1 + el2, lse=True)
 
 
+@tests_claims("alibi-causal-row-constant")
 def check_alibi_causal(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``alibi-causal-row-constant``: under causal visibility, ALiBi
     :math:`-m_h|i + o - j|` and a bias :math:`m_h j` give the same output; the lse differs
@@ -984,6 +996,7 @@ def check_alibi_causal(impl: AttentionImpl, case: AttentionCase) -> None:
     del rowc
 
 
+@tests_claims("softcap-range")
 def check_softcap_range(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``softcap-range``: softcapped logits lie in :math:`(-c, c)`.
 
@@ -1041,6 +1054,7 @@ def check_softcap_range(impl: AttentionImpl, case: AttentionCase) -> None:
         )
 
 
+@tests_claims("dropout-expectation")
 def check_dropout(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``dropout-expectation``, and the definition of dropout as an explicit keep-mask.
 
@@ -1103,6 +1117,7 @@ def check_dropout(impl: AttentionImpl, case: AttentionCase) -> None:
     _compare(impl, case, "mean over keep patterns vs no dropout", mean, out0, bound + e0, rows)
 
 
+@tests_claims("split-kv-merge")
 def check_split_merge(impl: AttentionImpl, case: AttentionCase, split: Any = None) -> None:
     r"""Claim ``split-kv-merge``: attention over the keys :math:`A \cup B` is the merge
     :math:`e^{\ell_A - \ell} O_A + e^{\ell_B - \ell} O_B`, :math:`\ell =
@@ -1188,6 +1203,7 @@ def check_split_merge(impl: AttentionImpl, case: AttentionCase, split: Any = Non
                     )
 
 
+@tests_claims("lse-is-softmax-lse")
 def check_lse_bounds(impl: AttentionImpl, case: AttentionCase) -> None:
     r"""Claim ``lse-is-softmax-lse``: :math:`\ell_i` is the log-sum-exp of the visible
     logits (and the sink), so :math:`\max_j s_{ij} \le \ell_i \le \max_j s_{ij} + \log n_i`.
@@ -1254,6 +1270,7 @@ def _poisoned(case: AttentionCase, value: float, through_bias: bool = True) -> A
     return AttentionCase(q, k, v, kw)
 
 
+@tests_claims("hidden-key")
 def check_hidden_values(
     impl: AttentionImpl, case: AttentionCase, through_bias: bool = True
 ) -> None:
@@ -1280,6 +1297,7 @@ def check_hidden_values(
             _compare(impl, bad, f"lse with {value} at hidden positions", lse, lse0, 0.0, lse=True)
 
 
+@tests_claims()
 def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> None:
     r"""Every output and lse agrees with :func:`attnspec.exact.sdpa` (``dps`` digits)
     within the bound the implementation claims.

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ACCURACIES",
     "ETA",
     "ETA64",
     "SECOND_ORDER",
@@ -28,6 +29,13 @@ __all__ = [
 ]
 
 F64 = npt.NDArray[np.float64]
+
+#: the accuracy an implementation of any topic may claim: "accurate" (the claim of
+#: precision="accurate": within one ulp, and 4u sum_j p_ij |v_jk| for attention's
+#: output), "fast" (the bounds of plain float64, derived in each topic's module), or a
+#: number rho >= 0 (a relative bound of the implementation's own; see each topic)
+ACCURACIES = ("accurate", "fast")
+Accuracy = str | float
 
 #: unit roundoff of float64, 2**-53
 U = U64 = 2.0**-53

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.spec.tolerances._core import (
+    ACCURACIES,
     ETA64,
     SECOND_ORDER,
     U64,
@@ -50,7 +51,6 @@ F64 = npt.NDArray[np.float64]
 # ---------------------------------------------------------------------------------------
 
 #: the accuracy classes a softmax implementation may claim
-ACCURACIES = ("faithful", "fast")
 
 #: beyond this distance below the row maximum, e^{x_j - a} < 2**-1074: the term is 0 or
 #: the smallest subnormal whatever its relative error, so only an absolute error remains.
@@ -60,9 +60,9 @@ UNDERFLOW_RANGE = 746.0
 _KINDS = ("softmax", "log_softmax", "logsumexp")
 
 
-def _check_accuracy(accuracy: str) -> None:
-    if accuracy not in ACCURACIES:
-        raise ValueError(f"accuracy must be one of {ACCURACIES!r}, got {accuracy!r}")
+def _check_accuracy(accuracy: str | float) -> None:
+    if isinstance(accuracy, str) and accuracy not in ACCURACIES:
+        raise ValueError(f"accuracy must be one of {ACCURACIES!r} or a number, got {accuracy!r}")
 
 
 def row_ranges(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F64, F64]:
@@ -205,7 +205,7 @@ def logsumexp_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, 
 
 
 def error_bound(
-    kind: str, accuracy: str, x: F64, included: npt.NDArray[np.bool_]
+    kind: str, accuracy: str | float, x: F64, included: npt.NDArray[np.bool_]
 ) -> tuple[F64, F64]:
     """The bound ``(rel, abs)`` of ``kind`` for rows ``x`` (R, n) at ``accuracy``.
 
@@ -214,8 +214,14 @@ def error_bound(
     _check_accuracy(accuracy)
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS!r}, got {kind!r}")
-    if accuracy == "faithful":
-        shape = x.shape if kind != "logsumexp" else (x.shape[0], 1)
+    shape = x.shape if kind != "logsumexp" else (x.shape[0], 1)
+    if not isinstance(accuracy, str):
+        # a claimed relative bound rho: |c - y| <= rho |y| + eta for softmax, and
+        # rho max(1, |y|) <= rho |y| + rho for log_softmax and logsumexp (as for the lse of
+        # attention, attnspec.spec.properties.attention)
+        rho = float(accuracy)
+        return np.full(shape, rho), np.full(shape, ETA64 if kind == "softmax" else rho)
+    if accuracy == "accurate":
         return faithful_bound(shape)
     # For |x| near 1e308 a bound may overflow to inf: it is then vacuous, as it must be
     # (the result itself is near or beyond the float64 range).
