@@ -139,7 +139,7 @@ def step_by_step_bounds(q: F64, k: F64, v: F64, tau: float, z: F64, p: F64) -> d
         -----
         Model: each float64 operation rounds to nearest (:math:`|\epsilon| \le u = 2^{-53}`),
         ``exp`` is faithful (numpy's is within 0.67 ulp on the development machine,
-        shared/notes/accuracy.md).
+        docs/performance.md).
 
         1. Scores. :math:`\hat s_j = fl(k_j \cdot q)`, a dot product of :math:`E` terms in any
            order (BLAS, with or without FMA): :math:`|\hat s_j - s_j| \le \gamma_E \sum_e
@@ -182,7 +182,7 @@ def sdpa_bound(p: F64, v: F64) -> F64:
     r"""What :func:`attnspec.sdpa` (``precision="accurate"``) promises: ``|out - exact|``.
 
     Its docstring: each output within :math:`4u \sum_j p_{ij} |v_{jk}|` of the exact value
-    (shared/notes/accuracy.md, "Accurate attention"). ``p`` are computed weights
+    (docs/performance.md, "Accurate attention"). ``p`` are computed weights
     :math:`\hat p` (within a relative :math:`10^{-14}` of the exact ones here);
     ``SECOND_ORDER`` covers the difference. Shape: ``p @ v``.
     """

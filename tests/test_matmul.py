@@ -12,7 +12,7 @@ the module docstring of :mod:`attnspec.reference.matmul`:
 
 The adversarial inputs (cancellation, shared offsets of 1e6 and 1e12, 1e+-150 scaling,
 subnormals, zeros, rows spanning hundreds of binades, a dominant key whose value is 0) are
-those of the project's accuracy study (notes/accuracy.md, "Accurate attention").
+those of the project's accuracy study (docs/performance.md).
 """
 
 from __future__ import annotations

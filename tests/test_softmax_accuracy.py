@@ -4,7 +4,7 @@ The tolerance 1 ulp is the specification itself (faithful rounding: the result i
 of the two float64 numbers that bracket the exact value), not a fudge factor.
 Expected values come from attnspec.exact (mpmath at 50 digits); the oracle itself is
 checked against 80 digits on the same cases (the exact path can be wrong too: see
-docs/performance.md and shared/notes/accuracy.md).
+docs/performance.md and docs/performance.md).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F6
 
     Model: every arithmetic operation rounds to nearest (:math:`|\delta| \le u =
     2^{-53}`); ``exp`` and ``log1p`` are faithful (relative error :math:`< 2u`; numpy's
-    are within 0.67 ulp on the development machine, see shared/notes/accuracy.md). Then,
+    are within 0.67 ulp on the development machine, measured in docs/performance.md). Then,
     to first order, with :math:`r_j = a - x_j` and :math:`r = \max_j r_j`:
 
     * :math:`\hat d_j = d_j(1 + \delta)` perturbs :math:`e_j` by the factor
@@ -125,7 +125,7 @@ def softmax_fast_bound(x: F64, included: npt.NDArray[np.bool_]) -> tuple[F64, F6
 
     So :math:`|\hat p_j - p_j| \le (n + 6 + r_j + r)\,u\, p_j`, which has the form of
     Blanchard, Higham & Higham 2021, Thm 4.3 (doi:10.1093/imanum/draa038, paraphrased
-    in shared/notes/numerics.md as :math:`[n + 2 + 2(x_{\max} - x_{\min})]u + O(u^2)`
+    in the project's notes as :math:`[n + 2 + 2(x_{\max} - x_{\min})]u + O(u^2)`
     for an exactly rounded exp); the two extra roundings for the sum and :math:`2u`
     instead of :math:`u` for a faithful ``exp`` give :math:`n + 6`.
 
