@@ -1,11 +1,13 @@
-"""The property batteries of the softmax family and of attention, as data, and runners.
+"""The property batteries of every topic, as data, and one runner.
 
-:data:`BATTERY` lists the softmax checks; :func:`run_battery` runs each one under
-Hypothesis against a :class:`~attnspec.spec.properties.softmax.SoftmaxFamily` with the active (or
-given) settings profile and returns one :class:`CheckResult` per check, for ``attnspec
-verify`` to print one line each. :data:`ATTENTION_BATTERY` and
-:func:`run_attention_battery` do the same for an
-:class:`~attnspec.spec.properties.attention.AttentionImpl`.
+A battery is a list of :class:`Check`: a property of :mod:`attnspec.spec.properties`, the
+strategy of what it is run on, the features it needs and how to call it. :data:`BATTERY`
+holds the softmax checks, :data:`ATTENTION_BATTERY` the attention checks (:data:`BATTERIES`
+by topic). :func:`run_battery` runs each check under Hypothesis against an
+:class:`~attnspec.spec.properties._core.Implementation` of the topic, with the active (or
+given) settings profile, and returns one :class:`CheckResult` per check, for ``attnspec
+verify`` to print one line each. A check whose features the implementation lacks is
+reported as not applicable.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from attnspec.spec.strategies.softmax import SoftmaxCase, softmax_cases
 
 __all__ = [
     "ATTENTION_BATTERY",
+    "BATTERIES",
     "BATTERY",
     "AttentionCheck",
     "Check",
@@ -31,23 +34,30 @@ __all__ = [
     "run_battery",
 ]
 
+#: a drawn value -> the property's arguments after the implementation, and keywords
+Arguments = Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _the_case(drawn: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (drawn,), {}
+
 
 @dataclass(frozen=True)
 class Check:
-    """One named check: a property, the cases it runs on, and how many."""
+    """One named check: a property ``prop(impl, case, **keywords)``, the strategy of what
+    it runs on, the features it needs, and how many examples."""
 
     name: str
     description: str
     prop: Callable[..., None]
-    #: the strategy of cases, given the family (its where / tuple-axis support)
-    cases: Callable[[props.SoftmaxFamily], st.SearchStrategy[Any]]
+    #: the strategy of drawn values, given the implementation (its features)
+    cases: Callable[[Any], st.SearchStrategy[Any]]
     #: examples: this many at most (None: the profile's max_examples)
     max_examples: int | None = None
-    needs_where: bool = False
-    #: a drawn value -> the property's arguments after the family (default: a case)
-    arguments: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]] = field(
-        default=lambda case: ((case.x, case.axis, case.where), {})
-    )
+    #: the features the implementation must have (else: not applicable)
+    needs: frozenset[str] = frozenset()
+    #: a drawn value -> the property's arguments after the implementation
+    arguments: Arguments = _the_case
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,9 @@ def _with_perm(family: props.SoftmaxFamily) -> st.SearchStrategy[Any]:
     return make()
 
 
-def _case_and(keyword: str) -> Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]:
+def _case_and(keyword: str) -> Arguments:
     """Arguments for a drawn ``(case, value)``: the case, and ``keyword=value``."""
-    return lambda drawn: ((drawn[0].x, drawn[0].axis, drawn[0].where), {keyword: drawn[1]})
+    return lambda drawn: ((drawn[0],), {keyword: drawn[1]})
 
 
 BATTERY: list[Check] = [
@@ -122,7 +132,7 @@ BATTERY: list[Check] = [
         "(Hypothesis, random where masks)",
         props.check_excluded,
         _cases(with_where=True),
-        needs_where=True,
+        needs=frozenset({"where"}),
     ),
     Check(
         "shift_invariance",
@@ -175,11 +185,6 @@ BATTERY: list[Check] = [
 ]
 
 
-def _call(check: Check, family: props.SoftmaxFamily, drawn: Any) -> None:
-    args, kwargs = check.arguments(drawn)
-    check.prop(family, *args, **kwargs)
-
-
 def _given(
     strategy: st.SearchStrategy[Any], body: Callable[[Any], None], base: settings, n: int
 ) -> tuple[Callable[[], None], list[int]]:
@@ -207,11 +212,14 @@ def _given(
     return run, count
 
 
-def _build(
-    check: Check, family: props.SoftmaxFamily, base: settings, n: int
-) -> tuple[Callable[[], None], list[int]]:
-    """The @given test of ``check`` on ``family`` and its example counter."""
-    return _given(check.cases(family), lambda drawn: _call(check, family, drawn), base, n)
+def _build(check: Check, impl: Any, base: settings, n: int) -> tuple[Callable[[], None], list[int]]:
+    """The @given test of ``check`` on ``impl`` and its example counter."""
+
+    def body(drawn: Any) -> None:
+        args, kwargs = check.arguments(drawn)
+        check.prop(impl, *args, **kwargs)
+
+    return _given(check.cases(impl), body, base, n)
 
 
 def _not_applicable(name: str, description: str, why: str) -> CheckResult:
@@ -240,11 +248,12 @@ def _run_one(name: str, description: str, run: Callable[[], None], count: list[i
 
 
 def run_battery(
-    family: props.SoftmaxFamily,
+    impl: Any,
     profile_settings: settings | None = None,
     checks: list[Check] | None = None,
 ) -> list[CheckResult]:
-    """Run ``checks`` (default :data:`BATTERY`) on ``family``; one result per check.
+    """Run ``checks`` (default: the battery of ``impl``'s topic, :data:`BATTERIES`) on
+    ``impl``; one result per check.
 
     ``profile_settings`` (default: the active Hypothesis profile) sets the examples per
     check; a check's own ``max_examples`` caps it. A failure is shrunk by Hypothesis; its
@@ -252,14 +261,16 @@ def run_battery(
     """
     base = profile_settings if profile_settings is not None else settings()
     results = []
-    for check in checks if checks is not None else BATTERY:
-        if check.needs_where and not family.supports_where:
-            results.append(
-                _not_applicable(check.name, check.description, "not applicable: no where= support")
-            )
+    for check in checks if checks is not None else _battery_of(impl):
+        missing = check.needs - set(impl.features)
+        if missing:
+            why = f"not applicable: needs {sorted(missing)}"
+            if missing == {"where"}:
+                why = "not applicable: no where= support"
+            results.append(_not_applicable(check.name, check.description, why))
             continue
         n = _examples(base, check.max_examples)
-        run, count = _build(check, family, base, n)
+        run, count = _build(check, impl, base, n)
         results.append(_run_one(check.name, check.description, run, count))
     return results
 
@@ -268,28 +279,21 @@ def run_battery(
 # Attention
 # ---------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class AttentionCheck:
-    """One named attention check: a property of
-    :mod:`attnspec.spec.properties.attention`, the features it needs, and how many
-    examples at most (None: the profile's)."""
-
-    name: str
-    description: str
-    prop: Callable[..., None]
-    needs: frozenset[str] = frozenset()
-    max_examples: int | None = None
-    max_side: int = 4
+#: the attention checks are :class:`Check` too (the name is kept for callers)
+AttentionCheck = Check
 
 
-def _attention_checks() -> list[AttentionCheck]:
+def _attention_checks() -> list[Check]:
     from attnspec.spec.properties import attention as ap
+    from attnspec.spec.strategies.attention import attention_cases
 
     def c(
         name: str, text: str, needs: tuple[str, ...] = (), n: int | None = 25, side: int = 4
-    ) -> AttentionCheck:
-        return AttentionCheck(name, text, ap.PROPERTIES[name], frozenset(needs), n, side)
+    ) -> Check:
+        def cases(impl: Any) -> st.SearchStrategy[Any]:
+            return attention_cases(features=impl.features, max_side=side)
+
+        return Check(name, text, ap.PROPERTIES[name], cases, n, frozenset(needs))
 
     return [
         c("weights_convex", "rows of P sum to 1; outputs within the visible values' range"),
@@ -337,45 +341,20 @@ def _attention_checks() -> list[AttentionCheck]:
 ATTENTION_BATTERY: list[AttentionCheck] = _attention_checks()
 
 
-def _attention_call(check: AttentionCheck, impl: Any, case: Any) -> None:
-    check.prop(impl, case)
-
-
-def _build_attention(
-    check: AttentionCheck, impl: Any, base: settings, n: int
-) -> tuple[Callable[[], None], list[int]]:
-    """The @given test of ``check`` on ``impl`` and its example counter."""
-    from attnspec.spec.strategies.attention import attention_cases
-
-    cases = attention_cases(features=impl.features, max_side=check.max_side)
-    return _given(cases, lambda case: _attention_call(check, impl, case), base, n)
-
-
 def run_attention_battery(
     impl: Any,
     profile_settings: settings | None = None,
-    checks: list[AttentionCheck] | None = None,
+    checks: list[Check] | None = None,
 ) -> list[CheckResult]:
-    """Run ``checks`` (default :data:`ATTENTION_BATTERY`) on an
-    :class:`~attnspec.spec.properties.attention.AttentionImpl`; one result per check.
+    """:func:`run_battery` with :data:`ATTENTION_BATTERY` by default."""
+    return run_battery(impl, profile_settings, ATTENTION_BATTERY if checks is None else checks)
 
-    Cases come from :func:`attnspec.spec.strategies.attention.attention_cases` restricted
-    to the implementation's features; a check whose features the implementation lacks is
-    reported as not applicable. ``profile_settings`` (default: the active profile) sets
-    the examples per check, capped by the check's own ``max_examples``.
-    """
-    base = profile_settings if profile_settings is not None else settings()
-    results = []
-    for check in checks if checks is not None else ATTENTION_BATTERY:
-        missing = check.needs - set(impl.features)
-        if missing:
-            results.append(
-                _not_applicable(
-                    check.name, check.description, f"not applicable: needs {sorted(missing)}"
-                )
-            )
-            continue
-        n = _examples(base, check.max_examples)
-        run, count = _build_attention(check, impl, base, n)
-        results.append(_run_one(check.name, check.description, run, count))
-    return results
+
+#: topic -> its battery
+BATTERIES: dict[str, list[Check]] = {"softmax": BATTERY, "attention": ATTENTION_BATTERY}
+
+
+def _battery_of(impl: Any) -> list[Check]:
+    from attnspec.spec.properties.attention import AttentionImpl
+
+    return BATTERIES["attention" if isinstance(impl, AttentionImpl) else "softmax"]

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -126,9 +127,11 @@ def test_the_examples_are_found() -> None:
     assert total >= MIN_EXAMPLES, f"{total} examples found, expected >= {MIN_EXAMPLES}: {found}"
 
 
-def test_importing_every_module_has_no_side_effects() -> None:
+def test_importing_every_module_has_no_side_effects(tmp_path: Path) -> None:
     # A fresh interpreter, warnings as errors: importing prints nothing, warns nothing,
     # runs no command line (that would print, or exit), and leaves numpy's state alone.
+    # It runs in an empty folder, so that it imports the installed package and not the
+    # checkout's attnspec/ folder (which is only the facade: CI installs a wheel).
     script = textwrap.dedent(
         f"""
         import importlib
@@ -146,6 +149,7 @@ def test_importing_every_module_has_no_side_effects() -> None:
         text=True,
         timeout=300,
         check=False,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "", f"importing printed to stdout:\n{done.stdout}"

@@ -398,3 +398,18 @@ def test_battery_runs_checks_and_reports_a_failure() -> None:
     assert not by_name["lse_bounds"].passed
     assert "reproduce: broken.logsumexp(" in by_name["lse_bounds"].message
     assert all(r.description and r.seconds >= 0 for r in results)
+
+
+def test_checks_take_a_case_like_every_topic() -> None:
+    """check(impl, case) is the signature of every topic's checks; x, axis, where works too."""
+    from attnspec.spec.strategies.softmax import SoftmaxCase
+
+    case = SoftmaxCase(np.array([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]]), -1, None)
+    P.check_agreement(FAMILIES["accurate"], case)
+    broken = _broken("accurate", softmax=_nudge(3))
+    for call in (
+        lambda: P.check_agreement(broken, case),
+        lambda: P.check_agreement(broken, case.x),
+    ):
+        with pytest.raises(P.PropertyViolation, match="softmax at index"):
+            call()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import mpmath
@@ -20,6 +21,7 @@ from attnspec.spec.tolerances._core import ACCURACIES, Accuracy
 __all__ = [
     "ACCURACIES",
     "Accuracy",
+    "Implementation",
     "PropertyViolation",
     "abs_error",
     "array_repr",
@@ -66,6 +68,44 @@ class PropertyViolation(AssertionError):
         super().__init__(
             f"{prop} fails for {implementation}: {detail}\n  reproduce: {reproduction}"
         )
+
+
+@dataclass(frozen=True, repr=False)
+class Implementation:
+    """A thing that claims to compute one topic's functions, and what it claims.
+
+    Each topic's properties take their own subclass (:class:`~attnspec.spec.properties.
+    softmax.SoftmaxFamily`, :class:`~attnspec.spec.properties.attention.AttentionImpl`),
+    which adds the callables and the capabilities; the name, the accuracy claim and the
+    form of a reproduction are the same for every topic.
+
+    Attributes
+    ----------
+    name : str
+        Shown in messages and reports.
+    accuracy : "accurate", "fast" or a number >= 0
+        The claim it is held to (:data:`ACCURACIES`; the bounds are in each topic's
+        tolerances module).
+    call : str, optional
+        How a reproduction is written: a format string with ``{args}`` (and ``{kind}``
+        for a topic of several functions). Default: ``name.kind(args)`` or ``name(args)``.
+    """
+
+    name: str
+    accuracy: Accuracy = field(default="fast", kw_only=True)
+    call: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_accuracy(self.accuracy)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, accuracy={self.accuracy!r})"
+
+    def reproduce(self, args: str, kind: str | None = None) -> str:
+        """The call that reproduces a failure, with the arguments ``args`` (source)."""
+        if self.call is not None:
+            return self.call.format(kind=kind, args=args)
+        return f"{self.name}.{kind}({args})" if kind else f"{self.name}({args})"
 
 
 def caller_name() -> str:

@@ -43,11 +43,10 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.spec.properties._core import (
-    Accuracy,
+    Implementation,
     PropertyViolation,
     abs_error,
     caller_name,
-    check_accuracy,
     same,
     tests_claims,
     two_sum_error,
@@ -94,13 +93,14 @@ _SO = atol.SECOND_ORDER
 
 
 @dataclass(frozen=True, repr=False)
-class AttentionImpl:
+class AttentionImpl(Implementation):
     """One implementation of attention, and what it claims.
+
+    An :class:`~attnspec.spec.properties._core.Implementation` (``name``, ``accuracy``,
+    ``call``), with:
 
     Attributes
     ----------
-    name : str
-        Shown in messages and reports.
     fn : callable
         ``fn(q, k, v, **kwargs)`` with the keyword arguments of :func:`attnspec.sdpa`
         (but ``precision``); numpy arrays in, numpy arrays out; with
@@ -109,7 +109,7 @@ class AttentionImpl:
         What it supports, from :data:`~attnspec.spec.strategies.attention.FEATURES`:
         mask (bool masks and additive biases), causal, window, gqa, softcap, alibi, sinks,
         dropout (an explicit keep-mask), lse.
-    accuracy : "accurate", "fast" or float
+    accuracy : "accurate", "fast" or a number
         The bound it claims (see the module docstring).
     floor : float
         For "accurate": the :math:`f` of
@@ -119,27 +119,18 @@ class AttentionImpl:
         How a reproduction is written: a format string with ``{args}``.
     """
 
-    name: str
     fn: SdpaFn
     features: frozenset[str] = field(default_factory=lambda: frozenset(FEATURES))
-    accuracy: Accuracy = "fast"
     floor: float = 0.0
-    call: str | None = None
-
-    def __repr__(self) -> str:
-        return f"AttentionImpl({self.name!r}, accuracy={self.accuracy!r})"
 
     def __post_init__(self) -> None:
-        check_accuracy(self.accuracy)
+        super().__post_init__()
         unknown = set(self.features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
 
     def reproduction(self, case: AttentionCase, lse: bool = False) -> str:
-        args = case.args() + (", return_lse=True" if lse else "")
-        if self.call is not None:
-            return self.call.format(args=args)
-        return f"{self.name}({args})"
+        return self.reproduce(case.args() + (", return_lse=True" if lse else ""))
 
 
 def attnspec_impl(precision: str = "accurate") -> AttentionImpl:

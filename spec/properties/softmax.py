@@ -1,9 +1,11 @@
 r"""The properties of the softmax family, as checks of any implementation.
 
 Each ``check_*`` function takes a :class:`SoftmaxFamily` (softmax, log_softmax and
-logsumexp of one implementation, with what it claims) and the inputs, evaluates the
-implementation, and raises :class:`PropertyViolation` with the worst element, the bound
-it broke and a call that reproduces it. The implementation may be ours
+logsumexp of one implementation, with what it claims) and a
+:class:`~attnspec.spec.strategies.softmax.SoftmaxCase`, ``check(impl, case)``, the
+signature of the checks of every topic (``check(impl, x, axis, where)`` works too),
+evaluates the implementation, and raises :class:`PropertyViolation` with the worst
+element, the bound it broke and a call that reproduces it. The implementation may be ours
 (:func:`attnspec_family`), the exact reference rounded to float64 (:func:`exact_family`)
 or any other: a callable takes a float64 array, ``axis`` and ``where`` (a bool array
 broadcast to ``x``, or None) and returns a numpy array.
@@ -29,16 +31,16 @@ import numpy.typing as npt
 
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
 from attnspec.spec.properties._core import (
-    Accuracy,
+    Implementation,
     PropertyViolation,
     abs_error,
     array_repr,
     caller_name,
-    check_accuracy,
     same,
     tests_claims,
     two_sum_error,
 )
+from attnspec.spec.strategies.softmax import SoftmaxCase
 from attnspec.spec.tolerances import softmax as tol
 
 __all__ = [
@@ -67,20 +69,23 @@ _KINDS = ("softmax", "log_softmax", "logsumexp")
 
 
 @dataclass(frozen=True, repr=False)
-class SoftmaxFamily:
+class SoftmaxFamily(Implementation):
     """One implementation of softmax, log_softmax and logsumexp, and what it claims.
+
+    An :class:`~attnspec.spec.properties._core.Implementation` (``name``, ``accuracy``,
+    ``call``), with:
 
     Attributes
     ----------
-    name : str
-        Shown in messages and reports.
     softmax, log_softmax, logsumexp : callable
         ``f(x, axis, where)`` with ``x`` float64, ``axis`` an int, a tuple of ints or None,
         ``where`` a bool array of the shape of ``x`` or None; logsumexp reduces ``axis``
         without keeping it.
-    accuracy : {"accurate", "fast"}
+    accuracy : "accurate", "fast" or a number
         "accurate": every result within one ulp of the exact value. "fast": the bounds of
-        the shifted float64 algorithm (:func:`attnspec.spec.tolerances.softmax.softmax_fast_bound`).
+        the shifted float64 algorithm (:func:`attnspec.spec.tolerances.softmax.error_bound`).
+        A number :math:`\rho`: :math:`|c - y| \\le \rho|y| + 2^{-1074}` (softmax) and
+        :math:`\rho(|y| + 1)` (log_softmax, logsumexp).
     supports_where : bool
         Whether ``where`` is accepted; properties of excluded entries need it.
     supports_tuple_axis : bool
@@ -89,31 +94,32 @@ class SoftmaxFamily:
         The implementation subtracts the slice maximum first, so that
         :math:`fl(x_j + c) - fl(a + c) = x_j - a` when the shift is exact: results are
         then bitwise shift invariant.
-    call : str, optional
-        The reproduction's form, e.g. ``"attnspec.{kind}({args}, precision='fast')"``.
     monotone : bool
         One monotone ``exp`` (and ``log1p``) for every position, one denominator per
         slice: order preservation then holds exactly.
+    call : str, optional
+        The reproduction's form, e.g. ``"attnspec.{kind}({args}, precision='fast')"``.
     """
 
-    name: str
     softmax: FamilyFn
     log_softmax: FamilyFn
     logsumexp: FamilyFn
-    accuracy: Accuracy = "fast"
     supports_where: bool = True
     supports_tuple_axis: bool = True
     shifts_by_max: bool = True
     monotone: bool = True
-    #: how a reproduction is written: a format string with {kind} and {args}
-    #: (default: "<name>.{kind}({args})")
-    call: str | None = None
 
-    def __repr__(self) -> str:
-        return f"SoftmaxFamily({self.name!r}, accuracy={self.accuracy!r})"
-
-    def __post_init__(self) -> None:
-        check_accuracy(self.accuracy)
+    @property
+    def features(self) -> frozenset[str]:
+        """What it supports beyond one axis: ``where`` and ``tuple_axis``."""
+        return frozenset(
+            name
+            for name, on in (
+                ("where", self.supports_where),
+                ("tuple_axis", self.supports_tuple_axis),
+            )
+            if on
+        )
 
     def fn(self, kind: str) -> FamilyFn:
         """The callable for ``kind`` ("softmax", "log_softmax" or "logsumexp")."""
@@ -209,10 +215,7 @@ def _reproduction(
     family: SoftmaxFamily, kind: str, x: F64, axis: object, where: Bools | None
 ) -> str:
     w = "" if where is None else f", where={array_repr(where)}"
-    args = f"x={array_repr(x)}, axis={axis!r}{w}"
-    if family.call is not None:
-        return family.call.format(kind=kind, args=args)
-    return f"{family.name}.{kind}({args})"
+    return family.reproduce(f"x={array_repr(x)}, axis={axis!r}{w}", kind)
 
 
 def _fail(
@@ -226,6 +229,14 @@ def _fail(
 ) -> None:
     __tracebackhide__ = True
     raise PropertyViolation(prop, family.name, detail, _reproduction(family, kind, x, axis, where))
+
+
+def _arguments(x: object, axis: object, where: object) -> tuple[object, object, object]:
+    """A check's inputs: ``check(impl, case)`` (a SoftmaxCase, the one check signature of
+    every topic) or, for convenience, ``check(impl, x, axis, where)``."""
+    if isinstance(x, SoftmaxCase):
+        return x.x, x.axis, x.where
+    return x, axis, where
 
 
 class _Inputs:
@@ -348,6 +359,7 @@ def check_sum_to_one(
     (:math:`3.01u + n 2^{-1074}` when faithful).
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     p = inp.call("softmax")
     rel, absolute = inp.bound("softmax")
@@ -382,6 +394,7 @@ def check_bounded(
     rounds to at most 1; and :math:`\hat d_j \le 0`, :math:`\log(1+\hat s') \ge 0`.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     rows = inp.regular | inp.empty_rows
     p = inp.call("softmax")
@@ -408,6 +421,7 @@ def check_excluded(
     bitwise the same (NaN equal to NaN).
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     if inp.where is None:
         return
@@ -457,6 +471,7 @@ def check_shift_invariance(
     Slices where :math:`x_j + c` overflows are not checked.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     c = float(c)
     if not math.isfinite(c):
@@ -540,6 +555,7 @@ def check_permutation(
     family's bound. Special slices are decided by order-free rules: bitwise.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     n = inp.lay.n
     pi = np.arange(n)[::-1] if perm is None else np.asarray(perm, dtype=np.intp)
@@ -594,6 +610,7 @@ def check_order(family: SoftmaxFamily, x: object, axis: object = -1, where: obje
     error bound.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     for kind in ("softmax", "log_softmax"):
         out = inp.call(kind)
@@ -634,6 +651,7 @@ def check_lse_bounds(
     :math:`-\infty`.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     lse = inp.call("logsumexp")
     rel, absolute = inp.bound("logsumexp")
@@ -677,6 +695,7 @@ def check_consistency(
       exactly.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     p, ls, lse = inp.call("softmax"), inp.call("log_softmax"), inp.call("logsumexp")
     ep = _err_from_computed(p, *inp.bound("softmax"))
@@ -727,13 +746,14 @@ def check_agreement(
     the same bound as a slice of :math:`k` equal logits.
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     from attnspec import exact
 
     inp = _Inputs(family, x, axis, where)
     for kind in _KINDS:
         c = inp.call(kind)
         f = getattr(exact, kind)
-        y = f(inp.x, axis, where=inp.where, dps=dps)
+        y = f(inp.x, inp.axis, where=inp.where, dps=dps)
         y = np.asarray(y, dtype=object)
         yr = y.reshape(inp.lay.rows, 1) if kind == "logsumexp" else inp.lay.to_rows(y)
         # the bound of a +inf slice is that of its infinite entries taken as equal
@@ -784,6 +804,7 @@ def check_special_values(
       :math:`k` equal logits (exact when :math:`k` is 1).
     """
     __tracebackhide__ = True
+    x, axis, where = _arguments(x, axis, where)
     inp = _Inputs(family, x, axis, where)
     for kind in _KINDS:
         out = inp.call(kind)
