@@ -60,20 +60,22 @@ def _derivation_lines() -> list[Line]:
 
 
 def _battery_lines(profile: str) -> list[Line]:
+    import importlib
+
     from hypothesis import settings
 
-    from attnspec.spec.battery import run_attention_battery, run_battery
+    from attnspec.spec import TOPICS
+    from attnspec.spec.battery import run_battery
     from attnspec.spec.profiles import load_profile
-    from attnspec.spec.properties.attention import attnspec_impl
-    from attnspec.spec.properties.softmax import attnspec_family
 
     load_profile(profile)
     lines = []
     for precision in ("accurate", "fast"):
-        family = attnspec_family(precision)
-        results = [(family.name, r) for r in run_battery(family, settings())]
-        impl = attnspec_impl(precision)
-        results += [(impl.name, r) for r in run_attention_battery(impl, settings())]
+        results = []
+        for topic in TOPICS:
+            module = importlib.import_module(f"attnspec.spec.properties.{topic}")
+            impl = module.attnspec_implementation(precision)
+            results += [(impl.name, r) for r in run_battery(impl, settings())]
         for name, result in results:
             lines.append(
                 Line(

@@ -9,20 +9,17 @@ SymPy does not confirm it.
 
 from __future__ import annotations
 
-from attnspec.spec.derivations import attention as _attention
-from attnspec.spec.derivations import softmax as _softmax
+import importlib
+
+from attnspec.spec import TOPICS
 from attnspec.spec.derivations.claim import Claim, ClaimFailed, Proof, Step
 
 __all__ = ["TOPICS", "Claim", "ClaimFailed", "Proof", "Step", "all_claims", "claims"]
 
-#: topic name -> its claims, in reading order
+#: topic name -> its claims, in reading order (``CLAIMS`` of each topic's module)
 _BY_TOPIC: dict[str, tuple[Claim, ...]] = {
-    "softmax": _softmax.CLAIMS,
-    "attention": _attention.CLAIMS,
+    topic: importlib.import_module(f"attnspec.spec.derivations.{topic}").CLAIMS for topic in TOPICS
 }
-
-#: the topics, in reading order
-TOPICS: tuple[str, ...] = tuple(_BY_TOPIC)
 
 
 def all_claims() -> list[Claim]:

@@ -10,17 +10,20 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import mpmath
 import numpy as np
 import numpy.typing as npt
+from hypothesis import strategies as st
 
 from attnspec.spec.tolerances._core import ACCURACIES, Accuracy
 
 __all__ = [
     "ACCURACIES",
     "Accuracy",
+    "Arguments",
+    "Check",
     "Implementation",
     "PropertyViolation",
     "abs_error",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 F64 = npt.NDArray[np.float64]
-Check = TypeVar("Check", bound=Callable[..., None])
+CheckFn = TypeVar("CheckFn", bound=Callable[..., None])
 _DBL_MAX = float(np.finfo(np.float64).max)
 
 
@@ -90,6 +93,9 @@ class Implementation:
         How a reproduction is written: a format string with ``{args}`` (and ``{kind}``
         for a topic of several functions). Default: ``name.kind(args)`` or ``name(args)``.
     """
+
+    #: the topic whose functions it computes (each subclass sets it)
+    topic: ClassVar[str] = ""
 
     name: str
     accuracy: Accuracy = field(default="fast", kw_only=True)
@@ -170,13 +176,13 @@ def array_repr(a: npt.NDArray[Any], limit: int = 400) -> str:
     return f"np.array({body})"
 
 
-def tests_claims(*names: str) -> Callable[[Check], Check]:
+def tests_claims(*names: str) -> Callable[[CheckFn], CheckFn]:
     """Mark a property with the claims of :mod:`attnspec.spec.derivations` it tests on an
     implementation (none: it tests the definition as a whole, e.g. agreement with the
     exact arithmetic). tests/test_claims_coverage.py requires every claim to be tested by
     some property or listed in :data:`attnspec.spec.properties.SYMBOLIC_ONLY`."""
 
-    def mark(check: Check) -> Check:
+    def mark(check: CheckFn) -> CheckFn:
         check.claims = tuple(names)  # type: ignore[attr-defined]
         return check
 
@@ -186,3 +192,29 @@ def tests_claims(*names: str) -> Callable[[Check], Check]:
 def claims_of(check: Callable[..., None]) -> tuple[str, ...]:
     """The claims a property tests (:func:`tests_claims`); AttributeError if unmarked."""
     return tuple(check.claims)  # type: ignore[attr-defined]
+
+
+#: a drawn value -> the property's arguments after the implementation, and keywords
+Arguments = Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _the_case(drawn: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (drawn,), {}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named check: a property ``prop(impl, case, **keywords)``, the strategy of what
+    it runs on, the features it needs, and how many examples."""
+
+    name: str
+    description: str
+    prop: Callable[..., None]
+    #: the strategy of drawn values, given the implementation (its features)
+    cases: Callable[[Any], st.SearchStrategy[Any]]
+    #: examples: this many at most (None: the profile's max_examples)
+    max_examples: int | None = None
+    #: the features the implementation must have (else: not applicable)
+    needs: frozenset[str] = frozenset()
+    #: a drawn value -> the property's arguments after the implementation
+    arguments: Arguments = _the_case

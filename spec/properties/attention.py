@@ -36,13 +36,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import mpmath
 import numpy as np
 import numpy.typing as npt
+from hypothesis import strategies as st
 
 from attnspec.spec.properties._core import (
+    Check,
     Implementation,
     PropertyViolation,
     abs_error,
@@ -51,7 +53,12 @@ from attnspec.spec.properties._core import (
     tests_claims,
     two_sum_error,
 )
-from attnspec.spec.strategies.attention import FEATURES, AttentionCase, case_visibility
+from attnspec.spec.strategies.attention import (
+    FEATURES,
+    AttentionCase,
+    attention_cases,
+    case_visibility,
+)
 from attnspec.spec.tolerances import attention as atol
 
 __all__ = [
@@ -118,6 +125,8 @@ class AttentionImpl(Implementation):
     call : str, optional
         How a reproduction is written: a format string with ``{args}``.
     """
+
+    topic: ClassVar[str] = "attention"
 
     fn: SdpaFn
     features: frozenset[str] = field(default_factory=lambda: frozenset(FEATURES))
@@ -1385,3 +1394,68 @@ PROPERTIES: dict[str, Callable[..., None]] = {
     "hidden_values": check_hidden_values,
     "agreement": check_agreement,
 }
+
+
+# ---------------------------------------------------------------------------------------
+# The battery
+# ---------------------------------------------------------------------------------------
+
+
+def _attention_checks() -> list[Check]:
+    def c(
+        name: str, text: str, needs: tuple[str, ...] = (), n: int | None = 25, side: int = 4
+    ) -> Check:
+        def cases(impl: Any) -> st.SearchStrategy[Any]:
+            return attention_cases(features=impl.features, max_side=side)
+
+        return Check(name, text, PROPERTIES[name], cases, n, frozenset(needs))
+
+    return [
+        c("weights_convex", "rows of P sum to 1; outputs within the visible values' range"),
+        c("empty_rows", "a row that sees nothing: output exactly 0, lse -inf (sigma with a sink)"),
+        c("query_permutation", "permuting queries permutes outputs and lse"),
+        c("key_value_permutation", "permuting keys and values together changes nothing"),
+        c("key_shift", "K + 1 u^T: same output, lse + tau q.u (bound: the logit perturbation)"),
+        c("value_affine", "V + 1 c^T -> O + 1 c^T and V W -> O W"),
+        c("scale_zero", "scale 0: the mean of the visible values, lse log n"),
+        c("default_scale", "no scale = scale 1/sqrt(E)"),
+        c("causal_prefix", "causal: the first t outputs = attention over the first t", ("causal",)),
+        c("kv_cache", "bottom-right decoding = the last rows of causal attention", ("causal",)),
+        c("alignments", "top_left = bottom_right = no align when L = S"),
+        c("hidden_key", "mask False = bias -inf = key removed", ("mask",)),
+        c("gqa_repeat", "GQA = kv heads repeated (h -> h // G)", ("gqa",)),
+        c("sink_as_key", "a sink = an extra key with logit sigma and value 0", ("sinks", "mask")),
+        c("alibi_causal", "causal ALiBi = bias m j (lse - m(i + o))", ("alibi", "causal", "mask")),
+        c(
+            "softcap_range",
+            "softcap: lse in [log n - c, log n + c], weight ratios <= e^2c",
+            ("softcap",),
+        ),
+        c(
+            "dropout",
+            "keep-mask: all True & p = 0 is none; P kappa/(1-p); expectation",
+            ("dropout",),
+            n=15,
+        ),
+        c("split_merge", "attention over two key blocks merged by their lse", ("mask", "lse")),
+        c("lse_bounds", "max s <= lse <= max s + log n", ("lse",)),
+        c("hidden_values", "NaN/inf at hidden positions never reach the output (bitwise)"),
+        c(
+            "agreement",
+            "within the claimed bound of attnspec.exact at 50 digits (mpmath is slow: at most "
+            "15 examples, L, S <= 3)",
+            n=15,
+            side=3,
+        ),
+    ]
+
+
+#: the attention checks, in the order of the claims of spec/derivations/attention.py;
+#: Hypothesis, at most 25 examples each (L, S <= 4): the whole battery must run in well
+#: under 30 s per precision with the ci profile on 2 cores
+BATTERY: list[Check] = _attention_checks()
+
+
+def attnspec_implementation(precision: str = "accurate") -> AttentionImpl:
+    """The reference at ``precision``: the name every topic's properties module gives it."""
+    return attnspec_impl(precision)

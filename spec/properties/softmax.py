@@ -23,14 +23,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import mpmath
 import numpy as np
 import numpy.typing as npt
+from hypothesis import strategies as st
 
 from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
 from attnspec.spec.properties._core import (
+    Arguments,
+    Check,
     Implementation,
     PropertyViolation,
     abs_error,
@@ -40,7 +43,7 @@ from attnspec.spec.properties._core import (
     tests_claims,
     two_sum_error,
 )
-from attnspec.spec.strategies.softmax import SoftmaxCase
+from attnspec.spec.strategies.softmax import SoftmaxCase, softmax_cases
 from attnspec.spec.tolerances import softmax as tol
 
 __all__ = [
@@ -100,6 +103,8 @@ class SoftmaxFamily(Implementation):
     call : str, optional
         The reproduction's form, e.g. ``"attnspec.{kind}({args}, precision='fast')"``.
     """
+
+    topic: ClassVar[str] = "softmax"
 
     softmax: FamilyFn
     log_softmax: FamilyFn
@@ -855,3 +860,123 @@ PROPERTIES: dict[str, Callable[..., None]] = {
     "agreement": check_agreement,
     "special_values": check_special_values,
 }
+
+
+# ---------------------------------------------------------------------------------------
+# The battery
+# ---------------------------------------------------------------------------------------
+
+
+def _cases(**kw: Any) -> Callable[[SoftmaxFamily], st.SearchStrategy[SoftmaxCase]]:
+    def make(family: SoftmaxFamily) -> st.SearchStrategy[SoftmaxCase]:
+        opts = {"max_side": 8, **kw}
+        if not family.supports_where:
+            opts["with_where"] = False
+        opts.setdefault("allow_tuple_axis", family.supports_tuple_axis)
+        if not family.supports_tuple_axis:
+            opts["allow_tuple_axis"] = False
+        return softmax_cases(**opts)
+
+    return make
+
+
+def _with_shift(family: SoftmaxFamily) -> st.SearchStrategy[Any]:
+    shift = st.one_of(
+        st.integers(-64, 64).map(float),  # usually exact for moderate logits
+        st.floats(-1e3, 1e3, allow_nan=False),  # usually inexact
+    )
+    return st.tuples(_cases()(family), shift)
+
+
+def _with_perm(family: SoftmaxFamily) -> st.SearchStrategy[Any]:
+    @st.composite
+    def make(draw: st.DrawFn) -> tuple[SoftmaxCase, list[int]]:
+        case = draw(_cases()(family))
+        n = slice_layout(case.x.shape, case.axis).n
+        return case, draw(st.permutations(range(n)))
+
+    return make()
+
+
+def _case_and(keyword: str) -> Arguments:
+    """Arguments for a drawn ``(case, value)``: the case, and ``keyword=value``."""
+    return lambda drawn: ((drawn[0],), {keyword: drawn[1]})
+
+
+#: the softmax battery: each property on the cases it needs (attnspec.spec.battery runs it)
+BATTERY: list[Check] = [
+    Check(
+        "sum_to_one",
+        "softmax slices sum to 1 within the derived bound (Hypothesis, hard "
+        "logits, profile's examples)",
+        check_sum_to_one,
+        _cases(),
+    ),
+    Check(
+        "bounded",
+        "0 <= softmax <= 1 and log_softmax <= 0, exactly (Hypothesis, hard logits)",
+        check_bounded,
+        _cases(),
+    ),
+    Check(
+        "excluded",
+        "excluded entries weigh exactly 0 and NaN/inf there never leaks "
+        "(Hypothesis, random where masks)",
+        check_excluded,
+        _cases(with_where=True),
+        needs=frozenset({"where"}),
+    ),
+    Check(
+        "shift_invariance",
+        "softmax(x + c) = softmax(x): bitwise for exact shifts, else "
+        "within the derived bound (Hypothesis, hard logits, random c)",
+        check_shift_invariance,
+        _with_shift,
+        arguments=_case_and("c"),
+    ),
+    Check(
+        "permutation",
+        "softmax(x[perm]) = softmax(x)[perm] within the derived bound "
+        "(Hypothesis, random permutations)",
+        check_permutation,
+        _with_perm,
+        arguments=_case_and("perm"),
+    ),
+    Check(
+        "order",
+        "x_i > x_j => p_i >= p_j, ties equal (Hypothesis, hard logits)",
+        check_order,
+        _cases(),
+    ),
+    Check(
+        "lse_bounds",
+        "max x <= LSE <= max x + log n with rounding slack (Hypothesis)",
+        check_lse_bounds,
+        _cases(),
+    ),
+    Check(
+        "consistency",
+        "log_softmax = log(softmax) = x - LSE within bounds (Hypothesis)",
+        check_consistency,
+        _cases(max_side=4),
+    ),
+    Check(
+        "agreement",
+        "every result within the claimed bound of attnspec.exact at 50 digits "
+        "(Hypothesis, at most 50 examples of up to 5 per side: mpmath is slow)",
+        check_agreement,
+        _cases(max_side=5),
+        max_examples=50,
+    ),
+    Check(
+        "special_values",
+        "empty, NaN and +inf slices follow the rules exactly (Hypothesis)",
+        check_special_values,
+        _cases(),
+    ),
+]
+
+
+def attnspec_implementation(precision: str = "accurate") -> SoftmaxFamily:
+    """The reference at ``precision``: the name every topic's properties module gives it."""
+    return attnspec_family(precision)
