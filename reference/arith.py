@@ -180,9 +180,9 @@ class Fast:
         return _sum_others(np.exp(d), k)
 
     def weights(self, d: F64, k: npt.NDArray[np.intp]) -> tuple[F64, F64]:
-        e = np.exp(d)
+        e = np.exp(d)  # a new array: dividing it in place writes no operand
         s = _sum_others(e, k)
-        return e / (1.0 + s), s
+        return np.divide(e, 1.0 + s, out=e), s
 
     def lse(self, a: F64, d: F64, k: npt.NDArray[np.intp], s: F64) -> F64:
         return a + np.log1p(s)
@@ -192,12 +192,17 @@ class Fast:
 
 
 def _sum_others(e: F64, k: npt.NDArray[np.intp]) -> F64:
-    """The sum of each row of ``e`` without its entry ``k``: the entry is set to 0 in a
-    copy and the row summed, so that a sum far below the left-out term (e^{d_k} = 1)
-    keeps its relative accuracy (``total - 1`` would lose it: fl(1 + 4e-18) - 1 = 0)."""
-    others = e.copy()
-    np.put_along_axis(others, k[..., None], 0.0, axis=-1)
-    return np.sum(others, axis=-1, keepdims=True)
+    """The sum of each row of ``e`` without its entry ``k``: the entry is set to 0, the
+    row summed, and the entry put back, so that a sum far below the left-out term
+    (e^{d_k} = 1) keeps its relative accuracy (``total - 1`` would lose it:
+    fl(1 + 4e-18) - 1 = 0). ``e`` must be the caller's own array (it is written, then
+    restored): no copy of the whole block is made."""
+    at = k[..., None]
+    left_out = np.take_along_axis(e, at, axis=-1)
+    np.put_along_axis(e, at, 0.0, axis=-1)
+    s = np.sum(e, axis=-1, keepdims=True)
+    np.put_along_axis(e, at, left_out, axis=-1)
+    return s
 
 
 def get_arithmetic(precision: object) -> Arithmetic[Any]:
