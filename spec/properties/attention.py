@@ -285,6 +285,41 @@ def _compare(
         )
 
 
+def _evaluated(impl: AttentionImpl, case: AttentionCase) -> tuple[F64, F64 | None, Any, Any]:
+    """``impl`` on ``case``: output, lse (None without the feature), and the bounds it
+    claims on each (:func:`output_bound`)."""
+    __tracebackhide__ = True
+    out, lse = _eval(impl, case, lse=True)
+    bound, lse_bound = output_bound(impl, case, lse)
+    return out, lse, bound, lse_bound
+
+
+def _agree(
+    impl: AttentionImpl, case: AttentionCase, other: AttentionCase, what: str, lse_what: str
+) -> None:
+    """``impl`` gives the same output and lse on ``other`` as on ``case``, within the sum
+    of the two results' bounds (the claim is an identity of the exact values)."""
+    __tracebackhide__ = True
+    base = _evaluated(impl, case)
+    _agree_evaluated(impl, other, what, lse_what, _evaluated(impl, other), base)
+
+
+Evaluated = tuple[F64, "F64 | None", Any, Any]
+
+
+def _agree_evaluated(
+    impl: AttentionImpl, other: AttentionCase, what: str, lse_what: str, a: Evaluated, b: Evaluated
+) -> None:
+    """The comparison of :func:`_agree` on two results of :func:`_evaluated` (``a`` of
+    ``other``, the case a reproduction shows)."""
+    __tracebackhide__ = True
+    out_a, lse_a, e_a, el_a = a
+    out_b, lse_b, e_b, el_b = b
+    _compare(impl, other, what, out_a, out_b, e_a + e_b)
+    if lse_a is not None and lse_b is not None and el_a is not None and el_b is not None:
+        _compare(impl, other, lse_what, lse_a, lse_b, el_a + el_b, lse=True)
+
+
 def _fit(impl: AttentionImpl, case: AttentionCase, drop: tuple[str, ...] = ()) -> AttentionCase:
     """The case without the features ``impl`` lacks and those named in ``drop``."""
     gone = set(drop) | (set(FEATURES) - set(impl.features))
@@ -493,12 +528,10 @@ def check_query_permutation(impl: AttentionImpl, case: AttentionCase, perm: Any 
     pi = np.arange(n)[::-1] if perm is None else np.asarray(perm, dtype=np.intp)
     kw = _rowwise(case, pi)
     moved = AttentionCase(np.take(case.q, pi, axis=-2), case.k, case.v, kw)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, moved, lse=True)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, moved)
     inv = np.argsort(pi)
     back = np.take(out2, inv, axis=-2)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, moved, lse2)
     e2b = np.take(np.broadcast_to(e2, out2.shape), inv, axis=-2)
     _compare(impl, moved, "output after permuting the queries back", back, out, e1 + e2b)
     if lse is not None and lse2 is not None and el1 is not None and el2 is not None:
@@ -522,13 +555,7 @@ def check_key_value_permutation(impl: AttentionImpl, case: AttentionCase, perm: 
     pi = np.arange(n)[::-1] if perm is None else np.asarray(perm, dtype=np.intp)
     kw = _colwise(case.kwargs, pi)
     moved = AttentionCase(case.q, np.take(case.k, pi, axis=-2), np.take(case.v, pi, axis=-2), kw)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, moved, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, moved, lse2)
-    _compare(impl, moved, "output with keys and values permuted", out2, out, e1 + e2)
-    if lse is not None and lse2 is not None and el1 is not None and el2 is not None:
-        _compare(impl, moved, "lse with keys permuted", lse2, lse, el1 + el2, lse=True)
+    _agree(impl, case, moved, "output with keys and values permuted", "lse with keys permuted")
 
 
 def _tau(case: AttentionCase) -> float:
@@ -577,10 +604,8 @@ def check_key_shift(impl: AttentionImpl, case: AttentionCase, shift: Any = None)
     # the exact rounding error of each shifted key (0 where it is not finite)
     err = two_sum_error(case.k, np.broadcast_to(u, case.k.shape))
     moved = replace(case, k=k2)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, moved, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, moved, lse2)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, moved)
     delta = _per_row_q_dot(case, err)
     w, _ = _weighted_up(case)
     allowed = e1 + e2 + atol.perturbation_factor(delta)[..., None] * w
@@ -724,10 +749,8 @@ def check_default_scale(impl: AttentionImpl, case: AttentionCase) -> None:
     __tracebackhide__ = True
     case = _fit(impl, case).with_kwargs(scale=None)
     explicit = case.with_kwargs(scale=1.0 / math.sqrt(case.q.shape[-1]))
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, explicit, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, explicit, lse2)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, explicit)
     delta = 2 * U * _per_row_q_dot(case, case.k)
     w, _ = _weighted_up(case)
     allowed = e1 + e2 + atol.perturbation_factor(delta)[..., None] * w
@@ -762,10 +785,8 @@ def check_causal_prefix(impl: AttentionImpl, case: AttentionCase, t: int | None 
     idx = np.arange(tt)
     kw = _colwise(_rowwise(case, idx), idx)
     prefix = AttentionCase(case.q[..., :tt, :], case.k[..., :tt, :], case.v[..., :tt, :], kw)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, prefix, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, prefix, lse2)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, prefix)
     e1p = np.broadcast_to(e1, out.shape)[..., :tt, :]
     _compare(
         impl, prefix, f"the first {tt} outputs vs the prefix", out2, out[..., :tt, :], e1p + e2
@@ -792,10 +813,8 @@ def check_kv_cache(impl: AttentionImpl, case: AttentionCase, n_new: int | None =
     kw = _rowwise(case, idx)
     kw["align"] = "bottom_right"
     new = AttentionCase(case.q[..., n - m :, :], case.k, case.v, kw)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, new, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, new, lse2)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, new)
     e1p = np.broadcast_to(e1, out.shape)[..., n - m :, :]
     _compare(
         impl,
@@ -822,15 +841,17 @@ def check_alignments(impl: AttentionImpl, case: AttentionCase) -> None:
     case = _square(_fit(impl, case))
     if "causal" in impl.features:
         case = case.with_kwargs(causal=True)
-    base, lse = _eval(impl, case, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
+    base = _evaluated(impl, case)
     for align in ("top_left", "bottom_right"):
         other = case.with_kwargs(align=align)
-        out2, lse2 = _eval(impl, other, lse=True)
-        e2, el2 = output_bound(impl, other, lse2)
-        _compare(impl, other, f"align={align!r} vs no align (L = S)", out2, base, e1 + e2)
-        if lse is not None and lse2 is not None and el1 is not None and el2 is not None:
-            _compare(impl, other, f"lse, align={align!r}", lse2, lse, el1 + el2, lse=True)
+        _agree_evaluated(
+            impl,
+            other,
+            f"align={align!r} vs no align (L = S)",
+            f"lse, align={align!r}",
+            _evaluated(impl, other),
+            base,
+        )
 
 
 @tests_claims("hidden-key")
@@ -859,14 +880,16 @@ def check_hidden_key(impl: AttentionImpl, case: AttentionCase, key: int | None =
     removed = AttentionCase(
         case.q, np.take(case.k, keep, axis=-2), np.take(case.v, keep, axis=-2), kw
     )
-    out0, lse0 = _eval(impl, removed, lse=True)
-    e0, el0 = output_bound(impl, removed, lse0)
+    without = _evaluated(impl, removed)
     for name, other in (("mask False", by_mask), ("bias -inf", by_bias)):
-        out, lse = _eval(impl, other, lse=True)
-        e, el = output_bound(impl, other, lse)
-        _compare(impl, other, f"key {j} hidden by {name} vs removed", out, out0, e + e0)
-        if lse is not None and lse0 is not None and el is not None and el0 is not None:
-            _compare(impl, other, f"lse, key {j} {name} vs removed", lse, lse0, el + el0, lse=True)
+        _agree_evaluated(
+            impl,
+            other,
+            f"key {j} hidden by {name} vs removed",
+            f"lse, key {j} {name} vs removed",
+            _evaluated(impl, other),
+            without,
+        )
 
 
 @tests_claims("gqa-repeat")
@@ -880,13 +903,7 @@ def check_gqa_repeat(impl: AttentionImpl, case: AttentionCase) -> None:
         return
     g = case.q.shape[-3] // case.k.shape[-3]
     rep = replace(case, k=np.repeat(case.k, g, axis=-3), v=np.repeat(case.v, g, axis=-3))
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, rep, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, rep, lse2)
-    _compare(impl, rep, "GQA vs kv heads repeated (h -> h // G)", out, out2, e1 + e2)
-    if lse is not None and lse2 is not None and el1 is not None and el2 is not None:
-        _compare(impl, rep, "lse, GQA vs repeated", lse, lse2, el1 + el2, lse=True)
+    _agree(impl, case, rep, "GQA vs kv heads repeated (h -> h // G)", "lse, GQA vs repeated")
 
 
 @tests_claims("sink-rescales")
@@ -920,13 +937,9 @@ def check_sink_as_key(impl: AttentionImpl, case: AttentionCase) -> None:
     as_key = AttentionCase(
         case.q, np.concatenate([case.k, zero_k], -2), np.concatenate([case.v, zero_v], -2), kw
     )
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, as_key, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, as_key, lse2)
-    _compare(impl, as_key, "sink vs a key with logit sigma and value 0", out2, out, e1 + e2)
-    if lse is not None and lse2 is not None and el1 is not None and el2 is not None:
-        _compare(impl, as_key, "lse, sink vs extra key", lse2, lse, el1 + el2, lse=True)
+    _agree(
+        impl, case, as_key, "sink vs a key with logit sigma and value 0", "lse, sink vs extra key"
+    )
 
 
 @tests_claims("alibi-causal-row-constant")
@@ -963,10 +976,8 @@ def check_alibi_causal(impl: AttentionImpl, case: AttentionCase) -> None:
         seen = case_visibility(case)
         delta = _SO * np.max(np.where(seen, delta_e, 0.0), axis=-1, initial=0.0)
     linear = case.with_kwargs(alibi_slopes=None, bias=bias)
-    out, lse = _eval(impl, case, lse=True)
-    out2, lse2 = _eval(impl, linear, lse=True)
-    e1, el1 = output_bound(impl, case, lse)
-    e2, el2 = output_bound(impl, linear, lse2)
+    out, lse, e1, el1 = _evaluated(impl, case)
+    out2, lse2, e2, el2 = _evaluated(impl, linear)
     w, _ = _weighted_up(case)
     allowed = e1 + e2 + atol.perturbation_factor(delta)[..., None] * w
     _compare(impl, linear, "causal ALiBi vs bias m j", out2, out, allowed)
