@@ -39,6 +39,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from hypothesis.extra import numpy as hnp
 
+from attnspec.reference.attention import SdpaOptions
+
 __all__ = [
     "FEATURES",
     "MAGNITUDES",
@@ -88,13 +90,23 @@ class AttentionCase:
     """The inputs of one call: ``q``, ``k``, ``v`` (float64) and keyword arguments.
 
     ``kwargs`` hold the keyword arguments of :func:`attnspec.sdpa` but ``precision`` and
-    ``return_lse`` (the checks choose those). ``repr`` is a call that reproduces it.
+    ``return_lse`` (the checks choose those); they are sdpa's options, validated when the
+    case is made (:class:`~attnspec.reference.attention.SdpaOptions`, :attr:`options`).
+    ``repr`` is a call that reproduces it.
     """
 
     q: F64
     k: F64
     v: F64
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.options  # noqa: B018 - validates the keyword arguments (SdpaOptions)
+
+    @property
+    def options(self) -> SdpaOptions:
+        """The keyword arguments as sdpa's validated options."""
+        return SdpaOptions.from_kwargs(self.kwargs)
 
     def __repr__(self) -> str:
         return f"AttentionCase({self.args()})"
