@@ -68,8 +68,9 @@ class Arithmetic(Protocol[T]):
         """``a * b``."""
         ...
 
-    def tanh(self, a: T) -> T:
-        """``tanh(a)``."""
+    def softcap(self, s: T, c: float) -> T:
+        r""":math:`c \tanh(s / c)` for a cap :math:`c > 0`: :math:`\pm c` for
+        :math:`s = \pm\infty`, NaN for NaN."""
         ...
 
     def matmul(self, a: T, b: T) -> T:
@@ -158,8 +159,12 @@ class Fast:
         with np.errstate(invalid="ignore", over="ignore"):
             return np.multiply(a, b)
 
-    def tanh(self, a: F64) -> F64:
-        return np.tanh(a)
+    def softcap(self, s: F64, c: float) -> F64:
+        # s / c overflows to inf for |s| near 1e308 and a small cap (then tanh gives the
+        # limit, 1); inf / c and tanh(inf) are the IEEE answers. No warning.
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            cap = np.asarray(c, dtype=np.float64)
+            return np.multiply(cap, np.tanh(np.divide(s, cap)))
 
     def matmul(self, a: F64, b: F64) -> F64:
         # Non-finite inputs give NaN or inf entries (inf - inf, inf * 0): the IEEE
@@ -207,6 +212,11 @@ def _sum_others(e: F64, k: npt.NDArray[np.intp]) -> F64:
 
 def get_arithmetic(precision: object) -> Arithmetic[Any]:
     """The arithmetic named by ``precision`` ("accurate" or "fast")."""
+    if not isinstance(precision, str):
+        raise TypeError(
+            f"precision must be one of {PRECISIONS!r}, got {type(precision).__name__} "
+            f"{precision!r}; for arbitrary precision use attnspec.exact"
+        )
     if precision == "fast":
         return Fast()
     if precision == "accurate":

@@ -47,9 +47,15 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.reference.arith import Arithmetic, get_arithmetic
-from attnspec.reference.inputs import as_real_float64
+from attnspec.reference.inputs import as_array, as_real_float64, check_size
 from attnspec.reference.softmax import normalise
-from attnspec.reference.visibility import alignment_offset, check_window, relative_position, visible
+from attnspec.reference.visibility import (
+    ALIGNMENTS,
+    alignment_offset,
+    check_window,
+    relative_position,
+    visible,
+)
 
 __all__ = ["SdpaOptions", "evaluate", "sdpa", "sdpa_defaults"]
 
@@ -170,7 +176,9 @@ def sdpa(
     dropout_mask : array_like of bool, optional
         Keep-mask, broadcasting to ``(..., Hq, L, S)``; required when ``dropout_p > 0``.
     dropout_p : float
-        In ``[0, 1)``; kept weights are divided by ``1 - dropout_p``.
+        In ``[0, 1)``; kept weights are divided by ``1 - dropout_p``. The keep-mask is
+        applied as given, also with ``dropout_p=0`` (factor 1): the weights of a row with
+        dropped keys then sum to less than one, as with any ``dropout_p``.
     return_lse : bool
         Also return :math:`\ell`, shape ``(..., Hq, L)``.
     precision : {"accurate", "fast"}
@@ -250,6 +258,11 @@ class SdpaOptions:
             raise TypeError(f"causal must be a bool, got {self.causal!r}")
         put("window", check_window(self.window))
         if self.align is not None:
+            if not isinstance(self.align, str):
+                raise TypeError(
+                    f"align must be one of {ALIGNMENTS!r} or None, got {type(self.align).__name__}"
+                    f" {self.align!r}"
+                )
             alignment_offset(1, 1, self.align, needed_by="align")  # validates the name
         if self.softcap is not None:
             put("softcap", _real_scalar(self.softcap, "softcap"))
@@ -299,14 +312,20 @@ def _real_scalar(value: object, name: str) -> float:
         value, int | float | np.integer | np.floating
     ):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # a Python int beyond the float64 range (10**400)
+        raise ValueError(
+            f"{name} must be finite, got an integer of {int(value).bit_length()} bits, "  # type: ignore[call-overload]
+            "beyond the float64 range"
+        ) from None
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {out!r}")
     return out
 
 
 def _bool_array(value: object, name: str, shape: tuple[int, ...]) -> Bool:
-    arr = np.asarray(value)
+    arr = as_array(value, name)
     if arr.dtype != np.bool_:
         meaning = "keep" if name == "dropout_mask" else "may attend"
         raise TypeError(
@@ -402,6 +421,12 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
     slopes = (
         None if opt.alibi_slopes is None else _per_head(opt.alibi_slopes, "alibi_slopes", batch, hq)
     )
+    if slopes is not None and not np.isfinite(slopes).all():
+        raise ValueError(
+            f"alibi_slopes must be finite, got {slopes[~np.isfinite(slopes)].ravel()[:4]} among "
+            f"them: an infinite slope makes every distance infinite (and distance 0 NaN)"
+        )
+    check_size(int(np.prod(logits_shape, dtype=np.float64)), arith.name, "logits (..., Hq, L, S)")
     sinks = None if opt.sinks is None else _per_head(opt.sinks, "sinks", batch, hq)
 
     needs = [
@@ -464,6 +489,10 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
             lse = np.empty((*lse_block.shape[:-1], n_q), dtype=lse_block.dtype)
         out[..., start:stop, :] = o_block
         lse[..., start:stop] = lse_block
+    if lse.shape != out.shape[:-1]:
+        # v has batch dimensions that q and k lack: the lse (of q and k alone) is the same
+        # along them, and has the documented shape (..., Hq, L) of the output's rows
+        lse = np.array(np.broadcast_to(lse, out.shape[:-1]))
     if two_d:
         out, lse = out[0], lse[0]
     return (out, lse) if opt.return_lse else out
@@ -521,8 +550,7 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     )
     # 2. softcap: s <- c tanh(s / c)
     if softcap is not None:
-        c = arith.lift(np.asarray(softcap, dtype=np.float64))
-        s = arith.mul(c, arith.tanh(arith.div(s, c)))
+        s = arith.softcap(s, softcap)
     # 3. bias and ALiBi: s <- s + b - m_h |i + o - j|
     if bias is not None:
         s = arith.add(s, arith.lift(_pad_keys(bias, n_k, sinks is not None)))

@@ -805,6 +805,50 @@ class DoubleDouble:
         hi = np.where(np.isnan(h), np.nan, sign * q.hi)
         return DD(hi, np.where(np.isnan(h), 0.0, lo))
 
+    def softcap(self, s: DD, c: float) -> DD:
+        r""":math:`c \tanh(s / c)` for a float64 cap :math:`c > 0`, by regions of
+        :math:`r = |s_{hi}| / c`:
+
+        * :math:`r > 40` (and :math:`s = \pm\infty`): :math:`\pm c`, since
+          :math:`1 - \tanh r < 2^{-114}`;
+        * :math:`r < 2^{-52}`: :math:`s` itself, since :math:`c \tanh(s/c) = s(1 - r^2/3 +
+          \dots)` moves it by less than :math:`2^{-105}|s|` (a subnormal logit stays exact,
+          where forming :math:`s/c` would round it);
+        * NaN stays NaN;
+        * elsewhere :meth:`mul`, :meth:`tanh` and :meth:`div`, with :math:`s` and :math:`c`
+          scaled by :math:`2^{600}` first when :math:`c < 2^{-900}` (so that :math:`1/c`
+          does not overflow).
+
+        When every entry lies in the last region (the usual case), that is the whole
+        evaluation, exactly as before this operation existed.
+        """
+        hi = s.hi
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            ratio = np.abs(hi) / c
+        nan = np.isnan(hi)
+        saturated = ~nan & (ratio > 40.0)
+        tiny = ~nan & (ratio < 2.0**-52)
+        middle = ~(nan | saturated | tiny)
+        if middle.all():
+            cap = DD(np.asarray(c, dtype=np.float64), None)
+            return self.mul(cap, self.tanh(self.div(s, cap)))
+        lo = np.broadcast_to(_lo(s), hi.shape)
+        out_hi = np.where(saturated, np.copysign(c, hi), hi)
+        out_lo = np.where(saturated | nan, 0.0, lo)
+        if middle.any():
+            scale = 600 if c < 2.0**-900 else 0
+            # the other entries get the stand-in s = c (r = 1), replaced below
+            part = DD(
+                np.ldexp(np.where(middle, hi, c), scale), np.ldexp(np.where(middle, lo, 0.0), scale)
+            )
+            cap = DD(np.asarray(np.ldexp(c, scale), dtype=np.float64), None)
+            r = self.mul(cap, self.tanh(self.div(part, cap)))
+            with np.errstate(under="ignore"):  # back to scale 1: may round to subnormals
+                r_hi, r_lo = np.ldexp(r.hi, -scale), np.ldexp(_lo(r), -scale)
+            out_hi = np.where(middle, r_hi, out_hi)
+            out_lo = np.where(middle, r_lo, out_lo)
+        return DD(out_hi, out_lo)
+
     def matmul(self, a: DD, b: DD) -> DD:
         """``a @ b``: exact products of float64 matrices (Ozaki scheme,
         :func:`attnspec.reference.matmul.dot_exact`) or a double-double times a float64

@@ -14,6 +14,7 @@ operations at the working precision, which ``dps`` controls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.reference.inputs import as_real_float64
 from attnspec.reference.softmax import _evaluate
 
 __all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]
@@ -73,8 +75,9 @@ class Exact:
     def mul(self, a: ObjArray, b: ObjArray) -> ObjArray:
         return a * b
 
-    def tanh(self, a: ObjArray) -> ObjArray:
-        return np.asarray(_tanh(a), dtype=object)
+    def softcap(self, s: ObjArray, c: float) -> ObjArray:
+        cap = _as_mpf(np.asarray(c, dtype=np.float64))
+        return cap * np.asarray(_tanh(s / cap), dtype=object)
 
     def matmul(self, a: ObjArray, b: ObjArray) -> ObjArray:
         # Each entry an exact sum of exact products, rounded once (mpmath.fdot).
@@ -186,13 +189,47 @@ def sdpa(
     """
     from attnspec.reference.attention import SdpaOptions, evaluate
 
-    digits = _check_dps(dps)
     opts = SdpaOptions.from_kwargs(options)
+    digits = _check_dps(dps) + _logit_digits(q, k, opts)
     with mpmath.workdps(digits):
         res = evaluate(Exact(), q, k, v, opts)
         if opts.return_lse:
             return tuple(_as_mpf(r) for r in res)
         return _as_mpf(res)
+
+
+def _logit_digits(q: object, k: object, opts: Any) -> int:
+    r"""Decimal digits to add to ``dps`` so that the logits keep ``dps`` digits *after*
+    the shift by their maximum: the products and sums that form them round relative to
+    their magnitude, up to :math:`|\tau| E \max|q| \max|k| + \max|b| + \max|m|(L + S) +
+    \max|\sigma|` (finite entries), while the weights depend on their differences. 0 for
+    logits below 1; invalid inputs give 0 here and their error from the definition."""
+    try:
+        q64 = np.abs(as_real_float64(q, "q"))
+        k64 = np.abs(as_real_float64(k, "k"))
+        if q64.ndim == 0 or k64.ndim == 0:
+            return 0
+        width = q64.shape[-1]
+        tau = abs(opts.scale) if opts.scale is not None else (width**-0.5 if width else 0.0)
+
+        def top(a: Any) -> float:
+            a = np.abs(as_real_float64(a, "x")) if a is not None else np.zeros(0)
+            finite = a[np.isfinite(a)]
+            return float(finite.max()) if finite.size else 0.0
+
+        sides = q64.shape[-2] + k64.shape[-2] if q64.ndim >= 2 and k64.ndim >= 2 else 0
+        with np.errstate(over="ignore"):
+            mag = (
+                tau * width * top(q64) * top(k64)
+                + top(opts.bias)
+                + top(opts.alibi_slopes) * sides
+                + top(opts.sinks)
+            )
+    except (TypeError, ValueError):
+        return 0
+    if not math.isfinite(mag):
+        return 330  # beyond the float64 range: 10**330 covers every float64 logit
+    return max(0, math.ceil(math.log10(mag))) if mag > 1 else 0
 
 
 def to_float64(a: object) -> npt.NDArray[np.float64]:

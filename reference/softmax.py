@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from attnspec.reference.arith import Arithmetic, get_arithmetic
-from attnspec.reference.inputs import as_real_float64, as_where, normalize_axes
+from attnspec.reference.inputs import as_real_float64, as_where, check_size, normalize_axes
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
@@ -145,6 +145,7 @@ def _evaluate(
     if arith is None:
         arith = get_arithmetic(precision)
     x64 = as_real_float64(x, "x")
+    check_size(x64.size, arith.name, "entries of x")
     axes = normalize_axes(axis, x64.ndim)
     w = None if where is None else as_where(where, x64.shape)
     if not isinstance(keepdims, bool | np.bool_):

@@ -1,0 +1,127 @@
+"""Regression tests for the defects hostile testing found (issue 7), each named after what
+it guards. Expected values say where they come from."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import attnspec
+from attnspec.reference import inputs
+
+
+def test_a_huge_python_int_as_a_scalar_option_is_a_value_error_naming_it() -> None:
+    q = k = v = np.ones((2, 2))
+    for name in ("scale", "softcap", "dropout_p"):
+        with pytest.raises(ValueError, match=f"{name} must be finite, got an integer of 1329 bits"):
+            attnspec.sdpa(q, k, v, **{name: 10**400})
+
+
+@pytest.mark.parametrize("precision", ["accurate", "fast"])
+def test_lse_has_the_shape_of_the_output_rows_when_v_has_more_batch_dimensions(
+    precision: str,
+) -> None:
+    q, k = np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 2))
+    v = np.arange(24.0).reshape(4, 1, 3, 2)
+    out, lse = attnspec.sdpa(q, k, v, return_lse=True, precision=precision)
+    assert out.shape == (4, 1, 2, 2) and lse.shape == (4, 1, 2)
+    # logits all 0: lse = log 3 in every row (mpmath: 1.0986122886681098)
+    np.testing.assert_array_equal(lse, np.full((4, 1, 2), math.log(3.0)))
+    _, ex_lse = attnspec.exact.sdpa(q, k, v, return_lse=True)
+    assert ex_lse.shape == (4, 1, 2)
+
+
+@pytest.mark.parametrize("name", ["x", "where"])
+def test_a_ragged_list_names_the_argument(name: str) -> None:
+    ragged = [[1.0, 2.0], [3.0]]
+    args = (
+        {"x": ragged} if name == "x" else {"x": np.zeros((2, 2)), "where": [[True], [True, False]]}
+    )
+    with pytest.raises(ValueError, match=f"{name} must be a rectangular array"):
+        attnspec.softmax(**args)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "mask", "bias", "dropout_mask"])
+def test_a_ragged_list_in_sdpa_names_the_argument(name: str) -> None:
+    kw = {"q": np.ones((2, 2)), "k": np.ones((2, 2)), "v": np.ones((2, 2))}
+    ragged = [[1.0, 2.0], [3.0]] if name in ("q", "k", "v", "bias") else [[True, True], [True]]
+    kw[name] = ragged
+    if name == "dropout_mask":
+        kw["dropout_p"] = 0.5
+    with pytest.raises(ValueError, match=f"{name} must be a rectangular array"):
+        attnspec.sdpa(**kw)
+
+
+def test_an_array_as_precision_or_align_is_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="precision must be one of"):
+        attnspec.softmax([1.0, 2.0], precision=np.array(["fast"]))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="align must be one of"):
+        attnspec.sdpa(
+            np.ones((2, 2)),
+            np.ones((2, 2)),
+            np.ones((2, 2)),
+            causal=True,
+            align=np.array("top_left"),
+        )
+
+
+@pytest.mark.parametrize("slope", [np.inf, -np.inf, np.nan])
+def test_non_finite_alibi_slopes_are_refused(slope: float) -> None:
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        attnspec.sdpa(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)), alibi_slopes=[slope])
+
+
+def test_masked_arrays_are_refused_rather_than_losing_their_mask() -> None:
+    masked = np.ma.masked_array([1.0, 2.0], mask=[True, False])
+    with pytest.raises(TypeError, match="x is a numpy masked array"):
+        attnspec.softmax(masked)
+    with pytest.raises(TypeError, match="mask is a numpy masked array"):
+        attnspec.sdpa(
+            np.ones((2, 2)),
+            np.ones((2, 2)),
+            np.ones((2, 2)),
+            mask=np.ma.masked_array(np.ones((2, 2), dtype=bool)),
+        )
+
+
+def test_a_keep_mask_with_dropout_p_zero_is_applied_with_factor_one() -> None:
+    # Defined (docstring of attnspec.sdpa): the mask is applied as given, factor 1/(1-0).
+    # Logits all 0, two keys, key 1 dropped: p = (1/2, 0), out = 1/2 * v_0 = 5.
+    keep = np.array([[True, False]])
+    out = attnspec.sdpa(
+        np.zeros((1, 1)),
+        np.zeros((2, 1)),
+        np.array([[10.0], [20.0]]),
+        dropout_mask=keep,
+        dropout_p=0.0,
+    )
+    assert out.tolist() == [[5.0]]
+
+
+def test_work_past_the_size_limit_is_refused_at_once_with_what_to_do() -> None:
+    huge = np.broadcast_to(np.zeros(1), (10**6, 10**6))  # 1e12 entries: about 17 h accurate
+    with pytest.raises(ValueError, match=r"exceed the size limit.*set_size_limit"):
+        attnspec.logsumexp(huge)
+    old = inputs.set_size_limit("fast", 10)
+    try:
+        with pytest.raises(ValueError, match="logits"):
+            attnspec.sdpa(np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 2)), precision="fast")
+        attnspec.sdpa(np.ones((2, 2)), np.ones((1, 2)), np.ones((1, 2)), precision="fast")
+    finally:
+        inputs.set_size_limit("fast", old)
+    with pytest.raises(ValueError, match="positive int or None"):
+        inputs.set_size_limit("fast", 0)
+
+
+def test_exact_sdpa_keeps_its_digits_when_logit_terms_cancel() -> None:
+    # q.k = 1e300 + 1 and 1e300 exactly, bias -1e300: the logits are 1 and 0, the weights
+    # e/(1+e) and 1/(1+e), so out = e/(1+e) = 0.7310585786300049 (math.exp, correctly
+    # rounded here). At a fixed 50 digits the logit 1e300 + 1 rounded to 1e300 (out 0.5).
+    q = np.array([[1.0, 1.0]])
+    k = np.array([[1e300, 1.0], [1e300, 0.0]])
+    v = np.array([[1.0], [0.0]])
+    bias = np.array([[-1e300, -1e300]])
+    got = attnspec.exact.to_float64(attnspec.exact.sdpa(q, k, v, scale=1.0, bias=bias))
+    assert abs(float(got[0, 0]) - 1 / (1 + math.exp(-1.0))) <= 2**-52
