@@ -43,6 +43,10 @@ class Arithmetic(Protocol[T]):
     #: rows are evaluated in blocks of about this many elements (0: all at once),
     #: so that an arithmetic with many temporaries can keep them in cache.
     chunk_elements: int
+    #: what a logit beyond the float64 range from finite inputs becomes: "ieee" (the
+    #: float64 overflow to +-inf, plain float64's answer), "refuse" (a ValueError: the
+    #: arithmetic would order such logits by their roundings), "exact" (it holds them)
+    overflow: str
 
     def lift(self, x: F64) -> T:
         """The float64 values ``x`` as numbers of this arithmetic (exactly)."""
@@ -131,6 +135,7 @@ class Fast:
 
     name = "fast"
     chunk_elements = 0
+    overflow = "ieee"
 
     def lift(self, x: F64) -> F64:
         return x

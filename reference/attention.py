@@ -563,6 +563,8 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
         s = arith.select(is_sink, arith.lift(sinks[..., None, None]), s)
     # 4. hidden keys get logit -inf: weight exactly 0, whatever they held.
     approx = arith.approx(s)
+    if arith.overflow == "refuse":
+        _refuse_overflowed_logits(approx, q, k, bias, seen, sinks is not None)
     if seen is not None:
         s = arith.select(seen, s, arith.lift(np.full((1, 1), -np.inf)))
         approx = np.where(seen, approx, -np.inf)
@@ -578,6 +580,32 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
     out = _weighted_values(arith, p, approx, keep, v, blk.finite_values)
     return arith.result(out), arith.result(weights["lse"])[..., 0]
+
+
+def _refuse_overflowed_logits(
+    approx: F64, q: F64, k: F64, bias: F64 | None, seen: Bool | None, sink: bool
+) -> None:
+    """ValueError where a visible logit is not finite although every term it is made of
+    is: the exact logit lies beyond the float64 range, and an arithmetic bounded like
+    float64 would order such logits by their roundings (inf = inf), which is wrong."""
+    finite = np.isfinite(q).all(axis=-1)[..., :, None] & np.isfinite(k).all(axis=-1)[..., None, :]
+    if sink:
+        finite = finite[..., :-1]  # the sink column is an input of its own
+        approx = approx[..., :-1]
+        seen = None if seen is None else seen[..., :-1]
+    if bias is not None:
+        finite = finite & np.isfinite(bias)
+    bad = finite & ~np.isfinite(approx)
+    if seen is not None:
+        bad = bad & seen
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"the logit at {at} (..., Hq, L, S) is beyond the float64 range (|scale * q.k + "
+            "bias| > 1.8e308) although q, k and bias are finite there: precision='accurate' "
+            "cannot order logits beyond float64; scale q, k or scale down (softmax is "
+            "shift-invariant, not scale-invariant: the weights change), or use attnspec.exact"
+        )
 
 
 def _pad_keys(a: npt.NDArray[Any], n_k: int, sink: bool) -> npt.NDArray[Any]:

@@ -695,6 +695,8 @@ class DoubleDouble:
     #: smaller blocks pay the per-row work (log1p, reciprocal) more often, larger ones
     #: fall out of the 2 MiB L2 cache.
     chunk_elements = 1 << 16
+    #: the high parts overflow like float64, so logits beyond its range are refused
+    overflow = "refuse"
 
     def __init__(self) -> None:
         self._scratch = Scratch()

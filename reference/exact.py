@@ -56,6 +56,8 @@ class Exact:
 
     name = "exact"
     chunk_elements = 0
+    #: mpmath's exponents are unbounded: logits beyond the float64 range are held exactly
+    overflow = "exact"
 
     def lift(self, x: npt.NDArray[np.float64]) -> ObjArray:
         return _as_mpf(x)
@@ -100,7 +102,20 @@ class Exact:
         return np.where(cond, a, b)
 
     def approx(self, a: ObjArray) -> npt.NDArray[np.float64]:
-        return to_float64(a)
+        """``a`` rounded to float64, but a finite value beyond the float64 range becomes
+        the largest float64 of its sign, not an infinity: the definition decides from
+        ``approx`` which rows are special (an infinite logit) and which entry is the
+        maximum, and a finite logit of 2e308 is neither infinite nor equal to 4e308. (The
+        maximum chosen among such values may not be the largest; the exact shift then
+        leaves a positive d_j, which mpmath's exponent range holds: the weights stay exact.)
+        """
+        rounded = to_float64(a)
+        over = np.isinf(rounded)
+        if over.any():
+            finite = np.asarray(np.frompyfunc(mpmath.isfinite, 1, 1)(a), dtype=bool)
+            big = float(np.finfo(np.float64).max)
+            rounded = np.where(over & finite, np.copysign(big, rounded), rounded)
+        return rounded
 
     def sum_others(self, d: ObjArray, k: npt.NDArray[np.intp]) -> ObjArray:
         return _sum_others(np.asarray(_exp(d), dtype=object), k)

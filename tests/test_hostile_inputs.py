@@ -125,3 +125,40 @@ def test_exact_sdpa_keeps_its_digits_when_logit_terms_cancel() -> None:
     bias = np.array([[-1e300, -1e300]])
     got = attnspec.exact.to_float64(attnspec.exact.sdpa(q, k, v, scale=1.0, bias=bias))
     assert abs(float(got[0, 0]) - 1 / (1 + math.exp(-1.0))) <= 2**-52
+
+
+# Logits beyond the float64 range from finite inputs (issue 7, item 7). The answers are
+# exact: three equal logits (-2e308 each) weigh 1/3 each, so out = mean(1, 2, 3) = 2; the
+# logits 2e308 and 4e308 differ by 2e308, so the second weighs 1 - e^-2e308 = 1: out = 2.
+OVERFLOWING = {
+    "equal logits -2e308": (
+        (np.ones((1, 2)), np.ones((3, 2)), np.array([[1.0], [2.0], [3.0]])),
+        {"scale": -1e308},
+        2.0,
+    ),
+    "logits 2e308 and 4e308": (
+        (
+            np.array([[1e154, 1e154]]),
+            np.array([[1e154, 1e154], [2e154, 2e154]]),
+            np.array([[1.0], [2.0]]),
+        ),
+        {"scale": 1.0},
+        2.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERFLOWING))
+def test_exact_sdpa_orders_logits_beyond_the_float64_range(name: str) -> None:
+    args, kw, want = OVERFLOWING[name]
+    assert attnspec.exact.to_float64(attnspec.exact.sdpa(*args, **kw)).tolist() == [[want]]
+
+
+@pytest.mark.parametrize("name", sorted(OVERFLOWING))
+def test_accurate_sdpa_refuses_logits_it_cannot_order(name: str) -> None:
+    args, kw, _ = OVERFLOWING[name]
+    with pytest.raises(ValueError, match="beyond the float64 range"):
+        attnspec.sdpa(*args, **kw)
+    # a softcap brings such logits back in range (c tanh(+-inf) = +-c, the limit)
+    q, k, v = args
+    assert np.isfinite(attnspec.sdpa(q, k, v, softcap=5.0, **kw)).all()
