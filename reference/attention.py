@@ -190,6 +190,18 @@ def sdpa(
     out : ndarray of float64, ``(..., Hq, L, Ev)``
     lse : ndarray of float64, ``(..., Hq, L)`` (only with ``return_lse=True``)
 
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (bool or complex arrays, a masked array, an array as
+        ``precision`` or ``align``); the message names it.
+    ValueError
+        Shapes that do not fit, values out of range, a job past the size limit
+        (:data:`attnspec.reference.inputs.SIZE_LIMITS`), or, with
+        ``precision="accurate"``, a visible logit beyond the float64 range although its
+        inputs are finite (``"fast"`` returns the IEEE overflow, :mod:`attnspec.exact`
+        the exact value). See docs/reliability.md.
+
     Examples
     --------
     >>> import numpy as np, attnspec
