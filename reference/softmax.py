@@ -26,7 +26,9 @@ Special slices, decided here for every arithmetic alike:
 
 * empty or nothing included: softmax 0, log_softmax :math:`-\infty`, LSE :math:`-\infty`
   (the empty sum is 0);
-* an included NaN: the whole slice is NaN;
+* an included NaN: the whole slice is NaN, but for the entries that carry no weight
+  whatever the others hold (excluded ones and :math:`-\infty`): softmax 0 and
+  log_softmax :math:`-\infty` there, as at a hidden key of attention;
 * included :math:`+\infty` entries (and no NaN): the limit
   :math:`t \to \infty` of :math:`\operatorname{softmax}(x + t\,\mathbb{1}_I)` with the
   infinite entries :math:`I` sharing one finite part: weight :math:`1/|I|` on each
@@ -261,6 +263,9 @@ def normalise(
             "log_softmax": (-np.inf, np.nan, None),
             "lse": (-np.inf, np.nan, np.inf),
         }
+        # in a NaN row the entries that carry no weight (excluded, or -inf) keep their
+        # rule: softmax 0, log_softmax -inf, as in attention's step 6 (0 at hidden keys)
+        no_weight = nan_rows[..., None] & (approx == -np.inf)
         for name in out:
             empty_value, nan_value, posinf_value = rules[name]
             fix = np.where(empty_rows, empty_value, nan_value)
@@ -268,5 +273,8 @@ def normalise(
             if posinf_value is not None:
                 fix = np.where(posinf_rows, posinf_value, fix)
                 rows = rows | posinf_rows
-            out[name] = arith.select(rows[..., None], arith.lift(fix[..., None]), out[name])
+            fix = fix[..., None]
+            if name != "lse":
+                fix = np.where(no_weight, empty_value, fix)
+            out[name] = arith.select(rows[..., None], arith.lift(fix), out[name])
     return out

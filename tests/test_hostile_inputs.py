@@ -162,3 +162,17 @@ def test_accurate_sdpa_refuses_logits_it_cannot_order(name: str) -> None:
     # a softcap brings such logits back in range (c tanh(+-inf) = +-c, the limit)
     q, k, v = args
     assert np.isfinite(attnspec.sdpa(q, k, v, softcap=5.0, **kw)).all()
+
+
+@pytest.mark.parametrize("precision", ["accurate", "fast"])
+def test_an_excluded_entry_of_a_nan_slice_weighs_zero(precision: str) -> None:
+    # Found by the thorough profile: excluded (and -inf) entries carry no weight in any
+    # slice, a NaN slice too (as a hidden key in attention): softmax 0, log_softmax -inf.
+    x, where = np.array([np.nan, 0.0, -np.inf]), np.array([True, False, True])
+    p = attnspec.softmax(x, where=where, precision=precision)
+    assert np.isnan(p[0]) and p[1:].tolist() == [0.0, 0.0]
+    lp = attnspec.log_softmax(x, where=where, precision=precision)
+    assert np.isnan(lp[0]) and lp[1:].tolist() == [-np.inf, -np.inf]
+    assert np.isnan(attnspec.logsumexp(x, where=where, precision=precision))
+    exact = attnspec.exact.to_float64(attnspec.exact.softmax(x, where=where))
+    assert np.isnan(exact[0]) and exact[1:].tolist() == [0.0, 0.0]
