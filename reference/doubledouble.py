@@ -307,6 +307,15 @@ def exp_rows(
     """
     ws = Scratch() if scratch is None else scratch
     shape = hi.shape
+    if lo is not None and lo.size and float(np.max(np.abs(lo))) > 2.0**-10:
+        # A difference whose high parts cancelled (a logit q.k = 1e300 + 1 plus a bias
+        # -1e300: hi 0, lo 1) can leave lo far above |hi|, where the reduction below,
+        # made from hi alone, assumes |lo| small (|r| < 2**-8.8 keeps the truncation
+        # below 2**-62). Renormalize (TwoSum: exact) so that hi carries the value. Below
+        # 2**-10 nothing changes: d = x - a of logits near 1e12 carries lo up to 1e-4.
+        with np.errstate(invalid="ignore", over="ignore"):
+            hi, lo = two_sum(hi, lo)
+        lo = np.where(np.isfinite(lo), lo, 0.0)
     low, high = (float(np.min(hi)), float(np.max(hi))) if hi.size else (0.0, 0.0)
     h = hi
     emin = _EXP_MIN - lift * _LN2  # e**emin * 2**lift is below half the smallest subnormal

@@ -176,3 +176,19 @@ def test_an_excluded_entry_of_a_nan_slice_weighs_zero(precision: str) -> None:
     assert np.isnan(attnspec.logsumexp(x, where=where, precision=precision))
     exact = attnspec.exact.to_float64(attnspec.exact.softmax(x, where=where))
     assert np.isnan(exact[0]) and exact[1:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("precision", ["accurate", "exact"])
+def test_logit_terms_that_cancel_keep_the_weights_exact(precision: str) -> None:
+    # Found while fixing exact's digits: q.k = 1e300 + 1 and 1e300 exactly, plus a bias
+    # -1e300, leaves the logits 1 and 0 as double-doubles (hi 0, lo 1) whose exponential
+    # was reduced from hi alone. out = e/(1+e) = 0.7310585786300049 (correctly rounded);
+    # the accurate claim 4u sum_j p_j |v_j| allows 4u * 0.73 here.
+    q, k = np.array([[1.0, 1.0]]), np.array([[1e300, 1.0], [1e300, 0.0]])
+    v, bias = np.array([[1.0], [0.0]]), np.array([[-1e300, -1e300]])
+    if precision == "exact":
+        out = attnspec.exact.to_float64(attnspec.exact.sdpa(q, k, v, scale=1.0, bias=bias))
+    else:
+        out = attnspec.sdpa(q, k, v, scale=1.0, bias=bias)
+    want = 1 / (1 + math.exp(-1.0))
+    assert abs(float(out[0, 0]) - want) <= 4 * 2.0**-53 * want + 2.0**-52
