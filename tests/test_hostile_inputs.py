@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 
@@ -182,13 +183,13 @@ def test_an_excluded_entry_of_a_nan_slice_weighs_zero(precision: str) -> None:
 def test_logit_terms_that_cancel_keep_the_weights_exact(precision: str) -> None:
     # Found while fixing exact's digits: q.k = 1e300 + 1 and 1e300 exactly, plus a bias
     # -1e300, leaves the logits 1 and 0 as double-doubles (hi 0, lo 1) whose exponential
-    # was reduced from hi alone. out = e/(1+e) = 0.7310585786300049 (correctly rounded);
-    # the accurate claim 4u sum_j p_j |v_j| allows 4u * 0.73 here.
+    # was reduced from hi alone. The accurate claim 4u sum_j p_j |v_j| is 4u e/(1+e) here.
     q, k = np.array([[1.0, 1.0]]), np.array([[1e300, 1.0], [1e300, 0.0]])
     v, bias = np.array([[1.0], [0.0]]), np.array([[-1e300, -1e300]])
     if precision == "exact":
         out = attnspec.exact.to_float64(attnspec.exact.sdpa(q, k, v, scale=1.0, bias=bias))
     else:
         out = attnspec.sdpa(q, k, v, scale=1.0, bias=bias)
-    want = 1 / (1 + math.exp(-1.0))
-    assert abs(float(out[0, 0]) - want) <= 4 * 2.0**-53 * want + 2.0**-52
+    with mpmath.workdps(40):  # e / (1 + e) at 40 digits
+        want = mpmath.e / (1 + mpmath.e)
+        assert abs(mpmath.mpf(float(out[0, 0])) - want) <= 4 * mpmath.mpf(2) ** -53 * want
