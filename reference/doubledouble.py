@@ -861,9 +861,17 @@ class DoubleDouble:
         return DD(out_hi, out_lo)
 
     def matmul(self, a: DD, b: DD) -> DD:
-        """``a @ b``: exact products of float64 matrices (Ozaki scheme,
+        r"""``a @ b``: exact products of float64 matrices (Ozaki scheme,
         :func:`attnspec.reference.matmul.dot_exact`) or a double-double times a float64
-        matrix (:func:`attnspec.reference.matmul.dot_dd`), each as a double-double."""
+        matrix (:func:`attnspec.reference.matmul.dot_dd`), each as a double-double.
+
+        ``dot_dd`` is within :math:`2^{-56} \sum_j |a_{ij}| |b_{jk}| + 2^{-1074}` of the
+        product of the numbers it is given, whatever ``b`` holds where ``a`` is 0. What
+        it cannot restore is what ``a`` lost before: a weight of :meth:`weights` below
+        :math:`2^{-1022}` is a subnormal float64, off by up to :math:`2^{-1075}`, and
+        that error times :math:`|b_{jk}|` can exceed any relative bound of the output
+        (``tests/test_accurate_output_bound.py``, the strict xfail).
+        """
         from attnspec.reference.matmul import dot_dd, dot_exact
 
         if a.lo is None and b.lo is None:

@@ -9,8 +9,8 @@ Two products, batched and broadcasting over leading dimensions like ``np.matmul`
     final double-double rounds). Used for the attention logits :math:`\tau\, Q K^\top`.
 :func:`dot_dd`
     :math:`P V` for a double-double :math:`P` (..., L, S) and float64 :math:`V`
-    (..., S, Ev), within :math:`2^{-56} \sum_j |p_{ij}| |v_{jk}|`. Used for the
-    attention output.
+    (..., S, Ev), within :math:`2^{-56} \sum_j |p_{ij}| |v_{jk}| + 2^{-1074}`. Used for
+    the attention output.
 
 Shape letters: L rows of the left factor (queries), E or S the inner dimension,
 S or Ev the columns of the right factor.
@@ -140,22 +140,51 @@ is compared with :math:`2^{-56}` times a lower bound of :math:`\sum_j |p_{ij}|
 |v_{jk}|`: first :math:`|hi| - E` (free), then, for the failing rows only, one BLAS
 product :math:`|x| |y|` minus a bound of :math:`\sum_j |l_{ij}| |y_{jk}|`. Rows
 that still fail are recomputed exactly by the scheme of :func:`dot_exact`, with
-``p_hi`` and ``p_lo`` as two parts. Hence, for finite inputs,
+``p_hi`` and ``p_lo`` as two parts.
+
+**Underflow and keys of weight 0.** The scaled units are :math:`2^{e_i + f_k}`, about
+:math:`\max_j |p_{ij}| \max_j |v_{jk}|`, with the column maximum over all keys. An
+output whose mass :math:`\sum_j |p_{ij}| |v_{jk}|` is below :math:`2^{-1022}` of that
+(a value of 1e300 at a key the row gives weight 0, or a weight far below the row's
+largest at the key of the column's largest value) falls among the subnormals in those
+units, where float64 rounds absolutely: a hidden 1e300 once changed a visible output
+of about 2e-22 by 3%. Three measures keep the bound relative. (1) In a block of rows,
+keys whose column of :math:`P` is exactly 0 throughout the block have their values set
+to 0 (exact: they multiply zeros) and the right factor is scaled and sliced again, when
+they hold values more than 16 binades above those of the other keys in some column
+(closer, they only change the slicing: the products are the same up to the
+certificate). (2) The certificate adds what underflow can cost in scaled units, at
+most :math:`2^{-1072}(S + 1 + \sum_j |x_{ij}| + \sum_j |w_{ij}|)` (the rounding of the
+scaled operands, each product of the BLAS call, the bound's own products), so that an
+output near the underflow threshold of its units fails it. (3) Failing rows are
+recomputed exactly as above only where the exact scheme's bound (:math:`2^{-104}` of
+the mass, :math:`2^{-140}(\max|x| + \max|l|)`, :math:`2^{-1074}` and the underflow term)
+is below :math:`2^{-57}` of the mass's lower bound in every column. The other rows are
+done again together, in a product of their own whose blocks leave out (by (1)) the keys
+none of them weights (rows blind to a huge key, among rows that see it, are then
+ordinary); what fails there too is computed from its own terms (:func:`_dot_dd_terms`):
+each nonzero part of each weight times each value, exact by TwoProduct on the
+mantissas, in units of the output's largest term, summed by error-free extraction and
+scaled back once (about 10 ms a row at S = 1024, Ev = 64), from the row's keys of
+nonzero weight only. So no value at a key of weight 0 enters any bound, and for finite
+inputs
 
 .. math::
 
     |hi_{ik} + lo_{ik} - \textstyle\sum_j p_{ij} v_{jk}|
-        \le 2^{-56} \sum_j |p_{ij}| |v_{jk}|
-        + 2^{-140} \max_j |p_{ij}| \max_j |v_{jk}| + 2^{-1074},
+        \le 2^{-56} \sum_j |p_{ij}| |v_{jk}| + 2^{-1074},
 
-with :math:`p = p_{hi} + p_{lo}` exactly. Rounded to float64 (``hi``), the output is
-within :math:`(2^{-53} + 2^{-56}) \sum_j |p_{ij}| |v_{jk}|` (plus the floors) of the
-exact product of the given :math:`P`: 1.125u, leaving more than 2.8u of the
-attention bound :math:`4u \sum_j p_{ij} |v_{jk}|` to the error of :math:`P` itself.
+with :math:`p = p_{hi} + p_{lo}` exactly (:math:`2^{-1074}`: an output in the subnormal
+range rounds ``hi`` and ``lo``, by half a subnormal ulp each). Rounded to float64
+(``hi``), the output is within :math:`(2^{-53} + 2^{-56}) \sum_j |p_{ij}| |v_{jk}| +
+2^{-1074}` of the exact product of the given :math:`P`: 1.125u, leaving more than 2.8u of
+the attention bound :math:`4u \sum_j p_{ij} |v_{jk}|` to the error of :math:`P` itself.
 This stronger bound was chosen over :math:`4u \sum_j p_{ij} |v_{jk}| + 2^{-60}
 \max_j|v_{jk}|` because the certificate is cheap (row sums and column maxima, no
 extra BLAS call unless an output nearly cancels) and the exact recomputation touches
-only the rows of such traps.
+only the rows of such traps. (It bounds the error of the product of the weights it is
+given: a weight below :math:`2^{-1022}` is a subnormal float64 and carries an absolute
+error of its own, which no product can undo.)
 
 **Memory.** Rows are processed in blocks: the workspace is a few arrays of
 (block, S) for :func:`dot_exact` and (block, 2S) for :func:`dot_dd`, besides the
@@ -785,11 +814,11 @@ def dot_dd(p_hi: npt.ArrayLike, p_lo: npt.ArrayLike, v: npt.ArrayLike) -> tuple[
     Returns
     -------
     hi, lo : ndarray of float64, shape (..., L, Ev)
-        ``hi + lo`` within :math:`2^{-56} \sum_j |p_{ij}| |v_{jk}|
-        + 2^{-140} \max_j |p_{ij}| \max_j |v_{jk}| + 2^{-1074}` of
-        :math:`\sum_j p_{ij} v_{jk}`; ``|lo| <= ulp(hi) / 2``, so ``hi`` alone is
-        within :math:`(2^{-53} + 2^{-56}) \sum_j |p_{ij}| |v_{jk}|` (plus the floors).
-        See the module Notes (certificate and exact recomputation); rows of ``P`` or
+        ``hi + lo`` within :math:`2^{-56} \sum_j |p_{ij}| |v_{jk}| + 2^{-1074}` of
+        :math:`\sum_j p_{ij} v_{jk}` (keys of weight 0 play no part, whatever their
+        finite values); ``|lo| <= ulp(hi) / 2``, so ``hi`` alone is within
+        :math:`(2^{-53} + 2^{-56}) \sum_j |p_{ij}| |v_{jk}| + 2^{-1074}`. See the
+        module Notes (certificate, underflow, recomputation); rows of ``P`` or
         columns of ``v`` holding inf or NaN give numpy's float64 product of
         ``p_hi + p_lo`` and ``v`` for their entries, with ``lo = 0``.
 
@@ -819,7 +848,60 @@ def dot_dd(p_hi: npt.ArrayLike, p_lo: npt.ArrayLike, v: npt.ArrayLike) -> tuple[
     return hi, lo
 
 
-def _dot_dd_2d(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
+class _DDRight:
+    """The right factor of :func:`dot_dd`, scaled by column and cut into two slices."""
+
+    def __init__(self, y: F64, beta: int) -> None:
+        S = y.shape[0]
+        self.f = _exponents(np.max(np.abs(y), axis=0))
+        self.yn = _scale_cols(y, self.f)
+        self.ubuf = np.empty((_K_DD * S, y.shape[1]))  # [u1; u0]
+        _, ry = _slices(self.yn, beta, _K_DD, self.ubuf, S, reverse=True)
+        self.u0, self.u1 = self.ubuf[S:], self.ubuf[:S]
+        self.right_r = np.concatenate([ry, self.yn])  # [r_y; y]
+        self.colmax_y = np.max(np.abs(self.yn), axis=0)  # <= 1
+        self.colmax_r = np.max(np.abs(ry), axis=0)  # <= 2**(-2 beta)
+        self.live_col = self.colmax_y > 0
+
+
+#: a block's right factor is scaled again when keys hidden from the whole block hold
+#: values this many binades above the others in some column (see _block_right).
+_RESCALE_GAP = 16
+
+
+def _block_right(full: _DDRight, y: F64, xh: F64, xl: F64, beta: int) -> _DDRight:
+    """The right factor for one block of rows: ``full``, unless keys whose column of P is
+    exactly 0 throughout the block (hidden from every row of it) hold the largest values
+    of some column of ``y``, more than :data:`_RESCALE_GAP` binades above those of the
+    other keys. Then those keys' values are set to 0 (exact: they are multiplied by 0)
+    and the factor is scaled and sliced again, so that such values cannot shrink the
+    block's units (a hidden 1e300 would put every visible output near the underflow
+    threshold of the scaled products). A smaller gap costs nothing but a looser
+    certificate: those keys add exact zeros to every product, so the factor is kept
+    (in a causal block the later keys are hidden, and scaling again there would cost
+    about a fifth of the product's time)."""
+    live = (xh != 0).any(axis=0)
+    if live.all():
+        return full
+    live |= (xl != 0).any(axis=0)
+    top = np.max(np.abs(y[live]), axis=0) if live.any() else np.zeros(y.shape[1])
+    # a column that only hidden keys fill counts as an infinite gap (its outputs are 0)
+    gap = np.where(top > 0, full.f - _exponents(top), _RESCALE_GAP + 1)
+    if not (gap[full.live_col] > _RESCALE_GAP).any():
+        return full
+    return _DDRight(np.where(live[:, None], y, 0.0), beta)
+
+
+#: below this (times S + the row sums), an output of the scaled products may have lost
+#: bits to underflow: see the certificate in the module Notes.
+_UNDERFLOW_UNIT = 2.0**-1072
+
+
+def _dot_dd_2d(ph: F64, pl: F64, v: F64, regroup: bool = True) -> tuple[F64, F64]:
+    """dot_dd for one 2-D operand triple. Rows that the scaled products cannot certify
+    (module Notes) are done again together in a call of their own, whose blocks leave
+    out the keys none of them weights (``regroup``); what still fails there is computed
+    from its own terms (:func:`_dot_dd_terms`)."""
     L, S = ph.shape
     Ev = v.shape[1]
     hi = np.zeros((L, Ev))
@@ -830,16 +912,10 @@ def _dot_dd_2d(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
     y_in = v if good_c.all() else np.where(good_c[None, :], v, 0.0)
     bad_rows_all: list[npt.NDArray[np.intp]] = []
 
-    # The right factor, once: column scaling, two slices, the remainder r_y.
-    f = _exponents(np.max(np.abs(y_in), axis=0))
-    yn = _scale_cols(y_in, f)
+    # The right factor, once: column scaling, two slices, the remainder r_y (again for
+    # a block only where keys hidden from the whole block hold a column's maximum).
     beta = _beta(_K_DD * S)
-    ubuf = np.empty((_K_DD * S, Ev))  # [u1; u0]
-    _, ry = _slices(yn, beta, _K_DD, ubuf, S, reverse=True)
-    u0, u1 = ubuf[S:], ubuf[:S]
-    right_r = np.concatenate([ry, yn])  # [r_y; y]
-    colmax_y = np.max(np.abs(yn), axis=0)  # <= 1
-    colmax_r = np.max(np.abs(ry), axis=0)  # <= 2**(-2 beta)
+    full_right = _DDRight(y_in, beta)
     g_s, g_2s = _gamma(S), _gamma(_K_DD * S)
     sum_up = 1 + 2 * g_s  # a computed sum of S nonnegative terms, times this, bounds the true
 
@@ -859,6 +935,8 @@ def _dot_dd_2d(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
             xl = np.where(good[:, None], xl, 0.0)
             axh = np.abs(xh)
             mx = np.max(axh, axis=1)
+        right = _block_right(full_right, y_in, xh, xl, beta)
+        yn, colmax_y, colmax_r = right.yn, right.colmax_y, right.colmax_r
         e = _exponents(mx)
         xn = _scale_rows(xh, e)
         xbuf = xbuf_all[:nb]
@@ -867,43 +945,69 @@ def _dot_dd_2d(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
         left = left_all[:nb]
         np.subtract(xn, rx, out=left[:, :S])  # x', exact
         w = left[:, S:]
-        np.add(rx, _scale_rows(xl, e), out=w)  # r_x + l, rounded
+        ln = _scale_rows(xl, e)
+        np.add(rx, ln, out=w)  # r_x + l, rounded
         acc = _Cascade((nb, Ev))
-        lv = t1 @ u1
+        lv = t1 @ right.u1
         lv *= 2.0 ** (-4 * beta)  # exact: integers below 2**53 times a power of two
         acc.add(lv)
-        lv = xbuf @ ubuf
+        lv = xbuf @ right.ubuf
         lv *= 2.0 ** (-3 * beta)  # exact, as above
         acc.add(lv)
-        lv = t0 @ u0
+        lv = t0 @ right.u0
         lv *= 2.0 ** (-2 * beta)  # exact, as above
         acc.add(lv)
-        acc.add(left @ right_r)  # x' r_y + (r_x + l) y, rounded
+        acc.add(left @ right.right_r)  # x' r_y + (r_x + l) y, rounded
         h, lo_ = acc.result()
 
         # Certificate: an upper bound of the error, in scaled units (module Notes).
         sum_x = _scale_rows(np.sum(axh, axis=1)[:, None], e)[:, 0] * sum_up
         sum_w = np.sum(np.abs(w), axis=1) * sum_up
+        # what underflow can cost (scaled operands, products, the bound itself); nothing
+        # where the row or the column is 0: their outputs are exact zeros
+        under = np.where(sum_x + sum_w > 0, _UNDERFLOW_UNIT * (S + 1 + sum_x + sum_w), 0.0)
         err = (
             g_2s * sum_x[:, None] * colmax_r[None, :]
             + (g_2s + 2 * _U) * sum_w[:, None] * colmax_y[None, :]
             + 2.0**-100 * (sum_x + sum_w)[:, None] * colmax_y[None, :]
-        ) * (1 + 2.0**-40)
+        ) * (1 + 2.0**-40) + under[:, None]
         fail = err > DD_CERTIFICATE * (np.abs(h) * (1 - 2.0**-50) - err)
+        if not right.live_col.all():
+            fail &= right.live_col[None, :]
         bad = np.flatnonzero(fail.any(axis=1))
         if bad.size:
             # lower bound of sum_j |x_j + l_j| |y_j| >= sum |x||y| - sum |l||y|
-            ln_b = _scale_rows(xl[bad], e[bad])
-            low = (np.abs(xn[bad]) @ np.abs(yn)) * (1 - g_s) - (
-                np.sum(np.abs(ln_b), axis=1)[:, None] * sum_up * colmax_y[None, :]
+            ln_b = ln[bad]
+            low = (
+                (np.abs(xn[bad]) @ np.abs(yn)) * (1 - g_s)
+                - (np.sum(np.abs(ln_b), axis=1)[:, None] * sum_up * colmax_y[None, :])
+                - under[bad, None]
             )
-            bad = bad[(err[bad] > DD_CERTIFICATE * low).any(axis=1)]
+            keep = ((err[bad] > DD_CERTIFICATE * low) & right.live_col[None, :]).any(axis=1)
+            bad, low = bad[keep], low[keep]
+        deep = np.zeros(0, dtype=np.intp)
         if bad.size:
-            he, le = _exact_2d([xn[bad], _scale_rows(xl[bad], e[bad])], yn)
+            # The exact scheme errs by 2**-104 of the mass plus 2**-140 (max|x| + max|l|)
+            # plus 2**-1074 in these units (dot_exact); rows where that is not below
+            # 2**-57 of the mass's lower bound in every column (hidden huge values,
+            # weights far below the row's largest at the keys holding a column's
+            # largest values) are done again apart (see _dot_dd_2d's docstring).
+            amax = np.max(np.abs(xn[bad]), axis=1) + np.max(np.abs(ln[bad]), axis=1)
+            floor = (2.0**-140 * amax + 2.0**-1074 + under[bad])[:, None]
+            short = ((low * 2.0**-57 < floor) & right.live_col[None, :]).any(axis=1)
+            deep, bad = bad[short] + r0, bad[~short]
+        if bad.size:
+            he, le = _exact_2d([xn[bad], ln[bad]], yn)
             h[bad] = he
             lo_[bad] = le
-        hi[r0:r1] = _scale_out(h, e, f)
-        lo[r0:r1] = _scale_out(lo_, e, f)
+        hi[r0:r1] = _scale_out(h, e, right.f)
+        lo[r0:r1] = _scale_out(lo_, e, right.f)
+        if deep.size:
+            # (rows with non-finite weights are 0 in xh, xl: never deep)
+            if regroup:
+                hi[deep], lo[deep] = _dot_dd_2d(ph[deep], pl[deep], y_in, regroup=False)
+            else:
+                hi[deep], lo[deep] = _dot_dd_terms(ph[deep], pl[deep], y_in)
     _clear_lo_where_overflow(hi, lo)
     if bad_rows_all or not good_c.all():
         bad_r = np.zeros(L, dtype=bool)
@@ -915,3 +1019,89 @@ def _dot_dd_2d(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
             hi[mask] = plain[mask]
         lo[mask] = 0.0
     return hi, lo
+
+
+#: exponent of "no term" (a zero weight or value) in _dot_dd_terms
+_NO_TERM = -(1 << 40)
+
+
+def _dot_dd_terms(ph: F64, pl: F64, v: F64) -> tuple[F64, F64]:
+    r"""``(ph + pl) @ v`` row by row from the exact terms, in units of each output's
+    largest term: for the rows that the scaled products cannot certify.
+
+    For row :math:`i` only the keys with a nonzero weight take part. Each term
+    :math:`a_j v_{jk}` (:math:`a` running over the nonzero parts of ``ph`` and ``pl``) is
+    :math:`m_a m_v 2^{E_{jk}}` with the mantissas :math:`m_a, m_v \in [1/2, 1)`
+    (``frexp``) and :math:`E_{jk} = e_a + e_v`; :math:`m_a m_v = p + q` exactly
+    (TwoProduct, :math:`|m_a m_v| \ge 1/4`: nothing underflows), and with
+    :math:`M_k = \max_j E_{jk}` the terms :math:`2^{E_{jk} - M_k}(p + q)` lie below 1, the
+    largest above 1/4. Scaling them is exact unless one falls below :math:`2^{-1022}` (an
+    error below :math:`2^{-1075}` each, in units where the sum of magnitudes is at least
+    1/4). Their sum is formed by error-free extraction (:func:`_sum_by_extraction`), to
+    within :math:`2^{-100}` of the sum of magnitudes, and scaled back by :math:`2^{M_k}`
+    (one rounding where the output is subnormal, at most :math:`2^{-1074}` for ``hi`` and
+    ``lo`` together). Neither the other rows nor keys of weight 0 play any part.
+    """
+    R, S = ph.shape
+    Ev = v.shape[1]
+    hi = np.zeros((R, Ev))
+    lo = np.zeros((R, Ev))
+    mv, ev = np.frexp(v)
+    ev = np.where(mv == 0.0, _NO_TERM, ev.astype(np.int64))
+    for i in range(R):
+        a = np.concatenate([ph[i], pl[i]])
+        terms = np.flatnonzero(a)
+        if not terms.size:
+            continue
+        ma, ea = np.frexp(a[terms])
+        keys = terms % S
+        big = ea.astype(np.int64)[:, None] + ev[keys]  # (n, Ev), _NO_TERM far below
+        top = np.max(big, axis=0)
+        top = np.where(top > _NO_TERM // 2, top, 0)  # no term at all: the output is 0
+        shift = np.maximum(big - top[None, :], -1100).astype(np.int32)
+        p, q = two_prod(ma[:, None], mv[keys])  # exact: both factors in [1/2, 1) or 0
+        with np.errstate(under="ignore"):  # a term below 2**-1074 of the largest: 0
+            p = np.ldexp(p, shift)
+            q = np.ldexp(q, shift)
+        h, l_ = _sum_by_extraction(np.concatenate([p, q], axis=0).T.copy())
+        with np.errstate(under="ignore", over="ignore"):  # subnormal or overflowing outputs
+            hi[i] = np.ldexp(h, top.astype(np.int32))
+            lo[i] = np.ldexp(l_, top.astype(np.int32))
+    return hi, lo
+
+
+def _sum_by_extraction(t: F64) -> tuple[F64, F64]:
+    r"""Each row of ``t`` (terms below 1 in magnitude) summed as a double-double, within
+    :math:`2^{-100} \max_j |t_j|` (more exactly, see below), ``t`` overwritten.
+
+    Error-free extraction (Rump, Ogita & Oishi 2008, Alg. 3.3 ExtractVector): with
+    :math:`\sigma_1 = 2^{M} 2^{\lceil \log_2 \max_j |t_j| \rceil}` and :math:`2^M \ge 2(n+2)`,
+    :math:`q_j = \mathrm{fl}(\mathrm{fl}(\sigma_1 + t_j) - \sigma_1)` and :math:`t_j - q_j`
+    are exact, :math:`|t_j - q_j| \le u\sigma_1`, and :math:`\sum_j q_j` is exact in any
+    order; the next level takes :math:`\sigma_2 = 2^{M+1}u\sigma_1`. After :math:`K` levels
+    the plain sum of what is left errs by at most :math:`n^2 u \cdot u\sigma_K`
+    (:math:`\le 2^{-104}\max|t|` for :math:`n \le 4096` and two levels; a third level is
+    taken when that would exceed :math:`2^{-100}`). The exact level sums and that sum
+    are added by TwoSum, the small parts with two roundings of numbers below
+    :math:`2^{M+2} n u \max|t|`, and renormalized: :math:`|lo| \le \mathrm{ulp}(hi)/2`.
+    """
+    n = t.shape[1]
+    m = int(n + 2).bit_length() + 1  # 2**m >= 2 (n + 2)
+    levels = 2
+    while n * n * 2.0 ** ((m + 1) * levels) * _U ** (levels + 1) > 2.0**-100:
+        levels += 1
+    big = np.max(np.abs(t), axis=1, keepdims=True)
+    sigma = np.ldexp(1.0, np.frexp(big)[1] + m)
+    q = np.empty_like(t)
+    taus = []
+    for _ in range(levels):
+        np.add(t, sigma, out=q)
+        q -= sigma  # exact
+        t -= q  # exact
+        taus.append(np.add.reduce(q, axis=1))  # exact
+        sigma = sigma * 2.0 ** (m + 1 - 53)
+    rest = np.add.reduce(t, axis=1)
+    for tau in reversed(taus[2:]):
+        rest = rest + tau
+    h, e = two_sum(taus[0], taus[1])
+    return two_sum(h, e + rest)

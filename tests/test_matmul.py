@@ -7,8 +7,9 @@ the module docstring of :mod:`attnspec.reference.matmul`:
 
 * ``dot_exact``: ``|hi + lo - tau a b| <= 2**-104 |tau| sum |a b| + 2**-140 |tau| max|a_i|
   max|b_j| + 2**-1074``, and ``|lo| <= ulp(hi) / 2``;
-* ``dot_dd``: ``|hi + lo - P v| <= 2**-56 sum |p| |v| + 2**-140 max|p_i| max|v_k| +
-  2**-1074``, and ``hi`` alone within ``(2**-53 + 2**-56) sum |p| |v|`` plus the same floors.
+* ``dot_dd``: ``|hi + lo - P v| <= 2**-56 sum |p| |v| + 2**-1074``, and ``hi`` alone within
+  ``(2**-53 + 2**-56) sum |p| |v| + 2**-1074``: no term in ``max|p_i| max|v_k|``, so that a
+  value at a key of weight 0 (a hidden key) plays no part in the bound.
 
 The adversarial inputs (cancellation, shared offsets of 1e6 and 1e12, 1e+-150 scaling,
 subnormals, zeros, rows spanning hundreds of binades, a dominant key whose value is 0) are
@@ -30,7 +31,7 @@ from attnspec.reference import eft
 from attnspec.reference.matmul import DD_CERTIFICATE, dot_dd, dot_exact
 
 TINY = Fraction(2) ** -1074  # the smallest subnormal: the last term of both bounds
-FLOOR = Fraction(2) ** -140  # the term relative to the row and column maxima, both bounds
+FLOOR = Fraction(2) ** -140  # the term relative to the row and column maxima (dot_exact)
 
 
 def _fr(x: float) -> Fraction:
@@ -87,13 +88,11 @@ def _check_dd(
     assert hi.shape == lo.shape == (L, Ev)
     for i in range(L):
         p = [_fr(ph[i, j]) + _fr(pl[i, j]) for j in range(S)]
-        pmax = max((abs(x) for x in p), default=Fraction(0))
         for k in range(Ev):
             terms = [p[j] * _fr(v[j, k]) for j in range(S)]
             c = sum(terms, Fraction(0))
             mass = sum((abs(x) for x in terms), Fraction(0))
-            vmax = max((abs(_fr(v[j, k])) for j in range(S)), default=Fraction(0))
-            floors = FLOOR * pmax * vmax + TINY
+            floors = TINY  # no term in max|p| max|v|: hidden keys must not matter
             err = abs(_fr(hi[i, k]) + _fr(lo[i, k]) - c)
             bound = _fr(DD_CERTIFICATE) * mass + floors
             assert err <= bound, (
@@ -497,5 +496,43 @@ def test_dot_dd_mid_size_against_exact() -> None:
     ph, pl = _dd_weights(3 * rng.standard_normal((6, 300)), rng)
     v = rng.standard_normal((300, 2))
     v[ph.argmax(axis=1)[0]] = 0.0
+    hi, lo = dot_dd(ph, pl, v)
+    _check_dd(ph, pl, v, hi, lo)
+
+
+@pytest.mark.parametrize("big", [1e100, 1e300], ids=lambda b: f"hidden={b:g}")
+def test_dot_dd_keys_of_weight_zero_do_not_count(big: float) -> None:
+    # Keys of weight 0 (hidden) hold huge values: for a whole block (the value is
+    # dropped, the factor scaled again) and for some rows only (other rows weight the
+    # key, so it sets the column scale). The bound has no term in max|v|.
+    rng = np.random.default_rng(18)
+    L, S = 6, 9
+    ph, pl = _dd_weights(rng.standard_normal((L, S)) - 40.0 * (rng.random((L, S)) < 0.3), rng)
+    v = rng.standard_normal((S, 3))
+    v[2] = big * rng.choice([-1.0, 1.0], 3)
+    v[5] = big / 7.0
+    ph[:, 2] = pl[:, 2] = 0.0  # hidden from every row
+    ph[:3, 5] = pl[:3, 5] = 0.0  # hidden from rows 0-2, weighted by rows 3-5
+    hi, lo = dot_dd(ph, pl, v)
+    _check_dd(ph, pl, v, hi, lo)
+    # a key hidden from every row, its value far above the others, takes no part at
+    # all: the same bits with 0 there (closer values only change how v is sliced)
+    v[5] = rng.standard_normal(3)
+    hi, lo = dot_dd(ph, pl, v)
+    _check_dd(ph, pl, v, hi, lo)
+    tame = v.copy()
+    tame[2] = 0.0
+    hi0, lo0 = dot_dd(ph, pl, tame)
+    assert np.array_equal(hi, hi0) and np.array_equal(lo, lo0)
+
+
+@pytest.mark.parametrize("tiny", [2.0**-1000, 2.0**-1021, 2.0**-1060], ids=lambda t: f"p={t!r}")
+def test_dot_dd_tiny_weight_at_the_largest_value(tiny: float) -> None:
+    # The largest value of a column sits at a key of weight far below the row's largest:
+    # in units of max p * max|v| the product falls below 2**-1022, where float64 rounds
+    # absolutely; the rows are then computed from their own terms.
+    ph = np.array([[1.0, tiny, 0.0], [0.5, 0.25, tiny], [tiny, 0.0, 1.0]])
+    pl = np.zeros_like(ph)
+    v = np.array([[0.0, 1e-300], [1e300, 1.5], [3.0, -1e200]])
     hi, lo = dot_dd(ph, pl, v)
     _check_dd(ph, pl, v, hi, lo)
