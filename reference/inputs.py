@@ -122,6 +122,15 @@ def as_real_float64(x: object, name: str) -> F64:
         # definitions copy before they write, and the tests check that no input
         # is modified.
         return arr.astype(np.float64, copy=False)
+    if dt == np.object_ and arr.size and _all_python_reals(arr):
+        # Python ints beyond int64 (2**70) make an object array: they are real numbers,
+        # rounded to the nearest float64 like any integer beyond 2**53
+        try:
+            return np.array([float(v) for v in arr.ravel().tolist()]).reshape(arr.shape)
+        except OverflowError:
+            raise ValueError(
+                f"{name} holds an integer beyond the float64 range (about 1.8e308)"
+            ) from None
     if dt.kind == "f":
         raise TypeError(
             f"{name} has dtype {dt}, wider than float64; attnspec computes in float64 "
@@ -131,6 +140,11 @@ def as_real_float64(x: object, name: str) -> F64:
         f"{name} must hold real numbers (float16, bfloat16, float32, float64 or "
         f"integers), got dtype {dt} with shape {arr.shape}"
     )
+
+
+def _all_python_reals(arr: npt.NDArray[Any]) -> bool:
+    """Whether an object array holds only Python ints and floats (no bools)."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in arr.ravel().tolist())
 
 
 def normalize_axes(axis: object, ndim: int, name: str = "axis") -> tuple[int, ...]:

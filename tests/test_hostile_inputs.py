@@ -193,3 +193,11 @@ def test_logit_terms_that_cancel_keep_the_weights_exact(precision: str) -> None:
     with mpmath.workdps(40):  # e / (1 + e) at 40 digits
         want = mpmath.e / (1 + mpmath.e)
         assert abs(mpmath.mpf(float(out[0, 0])) - want) <= 4 * mpmath.mpf(2) ** -53 * want
+
+
+def test_python_ints_beyond_int64_are_real_numbers() -> None:
+    # Found by the fuzzer: [2**70, 1] made a numpy object array, refused as dtype object.
+    # 2**70 is exactly a float64; softmax [1, e^(1 - 2**70)] = [1, 0] exactly.
+    assert attnspec.softmax([2**70, 1]).tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="x holds an integer beyond the float64 range"):
+        attnspec.softmax([10**400, 1])
