@@ -122,9 +122,10 @@ def as_real_float64(x: object, name: str) -> F64:
         # definitions copy before they write, and the tests check that no input
         # is modified.
         return arr.astype(np.float64, copy=False)
-    if dt == np.object_ and arr.size and _all_python_reals(arr):
-        # Python ints beyond int64 (2**70) make an object array: they are real numbers,
-        # rounded to the nearest float64 like any integer beyond 2**53
+    if dt == np.object_ and not isinstance(x, np.ndarray) and arr.size and _all_python_reals(arr):
+        # Python ints beyond int64 (2**70) in a list or scalar make an object array: they
+        # are real numbers, rounded to the nearest float64 like any integer beyond 2**53
+        # (an object ndarray passed as such is still refused below)
         try:
             return np.array([float(v) for v in arr.ravel().tolist()]).reshape(arr.shape)
         except OverflowError:
