@@ -328,7 +328,7 @@ def _real_scalar(value: object, name: str) -> float:
         out = float(value)
     except OverflowError:  # a Python int beyond the float64 range (10**400)
         raise ValueError(
-            f"{name} must be finite, got an integer of {int(value).bit_length()} bits, "  # type: ignore[call-overload]
+            f"{name} must be finite, got an integer of {int(value).bit_length()} bits, "
             "beyond the float64 range"
         ) from None
     if not math.isfinite(out):
@@ -600,7 +600,9 @@ def _refuse_overflowed_logits(
     """ValueError where a visible logit is not finite although every term it is made of
     is: the exact logit lies beyond the float64 range, and an arithmetic bounded like
     float64 would order such logits by their roundings (inf = inf), which is wrong."""
-    finite = np.isfinite(q).all(axis=-1)[..., :, None] & np.isfinite(k).all(axis=-1)[..., None, :]
+    rows_q = np.asarray(np.isfinite(q).all(axis=-1))
+    rows_k = np.asarray(np.isfinite(k).all(axis=-1))
+    finite = rows_q[..., :, None] & rows_k[..., None, :]
     if sink:
         finite = finite[..., :-1]  # the sink column is an input of its own
         approx = approx[..., :-1]
