@@ -101,7 +101,10 @@ def logit_data(q: Any, k: Any, **kw: Any) -> LogitData:
        (:math:`s \log_2 e`, FlashAttention) before ``exp2``.
 
     The sink logit is taken as it is (no error). ``kw`` are the keyword arguments of
-    :func:`attnspec.sdpa` (``precision`` and ``return_lse`` are ignored).
+    :func:`attnspec.sdpa` (``precision`` and ``return_lse`` are ignored), in the forms it
+    takes (see :func:`_logits_shape`): the arrays have the shape ``(..., Hq, L, S)``
+    (``S + 1`` with a sink) with the batch of q, k and the options broadcast; batch
+    dimensions that only v has are not there (the logits are the same along them).
     """
     from attnspec.reference.visibility import (
         alignment_offset,
@@ -112,8 +115,10 @@ def logit_data(q: Any, k: Any, **kw: Any) -> LogitData:
 
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
-    if q.ndim == 2 and k.ndim == 2:
+    two_d = q.ndim == 2 and k.ndim == 2
+    if two_d:
         q, k = q[None], k[None]
+    full = _logits_shape(q, k, two_d, kw)
     hq, hkv = q.shape[-3], k.shape[-3]
     width, n_q, n_k = q.shape[-1], q.shape[-2], k.shape[-2]
     kk = np.repeat(k, hq // hkv, axis=-3)
@@ -145,6 +150,9 @@ def logit_data(q: Any, k: Any, **kw: Any) -> LogitData:
             s = s - t
             eps = eps + U * (np.abs(t) + np.abs(s))
         eps = eps + U * np.abs(s)
+    # a mask or sinks may have batch dimensions that q, k, bias and slopes lack
+    if s.shape != full:
+        s = np.broadcast_to(s, full)
     shape = s.shape
     seen = np.ones(shape, dtype=bool)
     mask = kw.get("mask")
@@ -182,6 +190,47 @@ def logit_data(q: Any, k: Any, **kw: Any) -> LogitData:
         count=seen.sum(axis=-1).astype(np.float64),
         n_keys=s.shape[-1],
     )
+
+
+def _logits_shape(q: F64, k: F64, two_d: bool, kw: dict[str, Any]) -> tuple[int, ...]:
+    r"""The shape ``(..., Hq, L, S)`` of the logits of ``q``, ``k`` and the options.
+
+    The forms :func:`attnspec.sdpa` takes (``SdpaOptions``, ``_per_head``): ``mask`` and
+    ``bias`` broadcast to ``(..., Hq, L, S)``, ``alibi_slopes`` and ``sinks`` to
+    ``(..., Hq)`` (a 0-d sink is one sink for every head, ``(Hq,)`` one per head), with
+    ``...`` the batch of q, k and v broadcast; a 1 may stand anywhere, leading dimensions
+    may be left out. Here v is not known: an option may have batch dimensions that q and
+    k lack (sdpa takes them when v has them), so the batch is that of q, k and the
+    options broadcast. Three 2-D arrays (one head) have no batch: ``(1, L, S)``. A
+    ValueError names an option that does not fit (one that would change Hq, L or S, or
+    give 2-D inputs a batch).
+    """
+    heads = (*np.broadcast_shapes(q.shape[:-3], k.shape[:-3]), q.shape[-3])
+    rows = (q.shape[-2], k.shape[-2])
+    shape = (*heads, *rows)
+    for name, core in (
+        ("mask", (*heads[-1:], *rows)),
+        ("bias", (*heads[-1:], *rows)),
+        ("alibi_slopes", heads[-1:]),
+        ("sinks", heads[-1:]),
+    ):
+        value = kw.get(name)
+        if value is None:
+            continue
+        got = np.shape(value)
+        target = shape if len(core) == 3 else heads
+        letters = "(..., Hq, L, S)" if len(core) == 3 else "(..., Hq)"
+        try:
+            out = np.broadcast_shapes(got, target)
+        except ValueError:
+            out = None
+        if out is None or out[-len(core) :] != core or (two_d and out != target):
+            raise ValueError(
+                f"{name} with shape {got} does not broadcast to {letters} = {target}"
+                + ("" if two_d else " (with any batch dimensions of v)")
+            )
+        shape = np.broadcast_shapes(shape, (*out, *rows) if len(core) == 1 else out)
+    return tuple(shape)
 
 
 def _fast_rho(data: LogitData) -> F64:
@@ -240,7 +289,11 @@ def textbook_sdpa_bound(
     count; a row with nothing visible has bound 0 (plus the floor).
 
     ``more`` takes the other keyword arguments of :func:`attnspec.sdpa` (window,
-    softcap, alibi_slopes, sinks, dropout_mask, dropout_p).
+    softcap, alibi_slopes, sinks, dropout_mask, dropout_p). Every form sdpa takes is
+    taken (it validates them): batch dimensions broadcast between q, k, v and the
+    options, v (or a mask, sinks) with batch dimensions that q and k lack, sinks 0-d,
+    ``(Hq,)`` or ``(..., Hq)``, three 2-D arrays for one head; ``weighted`` and ``bound``
+    have the output's shape ``(..., Hq, L, Ev)`` (``(L, Ev)`` for 2-D inputs).
     """
     import attnspec
 
@@ -295,8 +348,9 @@ def textbook_lse_bound(q: F64, k: F64, **kw: Any) -> F64:
     :math:`u(|a| + \log n)`. Total, first order: :math:`\varepsilon_i + u(|a| + 3\log n
     + 4n + 2 + R_i)`, with :math:`n` the visible keys (sink included): the form of
     Blanchard, Higham & Higham 2021 (sec. 3) for the shifted log-sum-exp, with the logit
-    error added. Shape (..., Hq, L); 0 for a row with nothing visible (its lse is
-    exactly :math:`-\infty`).
+    error added. Shape (..., Hq, L) with the batch of q, k and the options (v is not
+    seen: the lse is the same along batch dimensions only v has; broadcast it to the lse's
+    shape); 0 for a row with nothing visible (its lse is exactly :math:`-\infty`).
     """
     data = logit_data(q, k, **kw)
     n = np.maximum(data.count, 1.0)
