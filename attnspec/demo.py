@@ -510,7 +510,7 @@ def run(out: TextIO) -> int:
     _title(out, "Step 5. The same through attnspec")
     out.write(
         "  attnspec.sdpa(q[None], x, x, return_lse=True)            (precision='accurate')\n"
-        f"  attnspec.exact.sdpa(q[None], x, x, return_lse=True, dps={DPS})   (mpmath)\n\n"
+        f"  attnspec.exact.sdpa(q[None], x, x, return_lse=True, dps={DPS})   (exact, proved)\n\n"
     )
     _table(
         out,

@@ -1,7 +1,12 @@
-"""The reference definitions in arbitrary precision (mpmath); see attnspec.reference.exact."""
+"""The reference definitions evaluated exactly (Arb balls, proved; or mpmath); see
+attnspec.reference.exact."""
 
 from attnspec.reference.exact import (
+    BACKENDS,
     DEFAULT_DPS,
+    MAX_BITS,
+    UNDECIDED,
+    UndecidedRounding,
     log_softmax,
     logsumexp,
     sdpa,
@@ -9,4 +14,15 @@ from attnspec.reference.exact import (
     to_float64,
 )
 
-__all__ = ["DEFAULT_DPS", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_DPS",
+    "MAX_BITS",
+    "UNDECIDED",
+    "UndecidedRounding",
+    "log_softmax",
+    "logsumexp",
+    "sdpa",
+    "softmax",
+    "to_float64",
+]

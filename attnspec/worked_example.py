@@ -269,8 +269,8 @@ def render_markdown() -> str:
         f"exact_out, exact_lse = attnspec.exact.sdpa(q, x, x, return_lse=True, dps={DPS})\n"
         "```\n\n"
         "`attnspec.sdpa` evaluates the same definition (scores, scale, softmax, weighted sum) "
-        f"with extra precision; `attnspec.exact.sdpa` evaluates it in mpmath at {DPS} "
-        "digits, the ground truth.\n\n"
+        f"with extra precision; `attnspec.exact.sdpa` evaluates it exactly (ball arithmetic, "
+        f"proved to {DPS} digits and correctly rounded), the ground truth.\n\n"
         + _table(
             ["", "step by step and attnspec.sdpa", f"exact ({DPS} digits, first 20 shown)"],
             exact_rows,

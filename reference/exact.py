@@ -1,20 +1,51 @@
-"""The same definitions, evaluated in mpmath at a precision of the caller's choice.
+r"""The same definitions, evaluated exactly: the ground truth every accuracy claim is
+measured against.
 
-This is the ground truth the tests compare against. Each function takes the same
-arguments as its float64 counterpart in :mod:`attnspec`, plus ``dps`` (decimal digits
-of working precision, default 50), and returns a numpy object array of
-``mpmath.mpf`` values (a 0-d object array for a full reduction) that carry the
-working precision, so that the error of a float64 result can be measured in
-fractions of an ulp. :func:`to_float64` rounds them.
+Each function takes the same arguments as its float64 counterpart in :mod:`attnspec`,
+plus ``dps`` (decimal digits) and ``backend``, and returns a numpy object array of
+``mpmath.mpf`` values (a 0-d object array for a full reduction). :func:`to_float64`
+rounds them.
 
-Inputs are float64 (or converted to float64 exactly), so every input is an exact
-mpmath number whenever ``dps >= 16``; the only errors are those of mpmath's
-operations at the working precision, which ``dps`` controls.
+``backend="arb"`` (the default) evaluates the definition in ball arithmetic (Arb,
+through python-flint; :mod:`attnspec.reference.balls`): every result is a ball proved to
+contain the exact value of the definition on the float64 inputs. A result is returned
+only when its ball is narrow enough to decide two things: its rounding to float64 (every
+point of the ball rounds to the same float64), and ``dps`` digits (a radius at most
+:math:`10^{-\mathrm{dps}} \max(|m|, 2^{-1074})` for a midpoint :math:`m`). Otherwise the
+whole evaluation is repeated at twice the working precision (Ziv's strategy), up to
+:data:`MAX_BITS`, after which :class:`UndecidedRounding` says which result did not
+decide. The mpf returned is the ball's midpoint: it rounds to the float64 nearest the
+exact value, and is within :math:`10^{-\mathrm{dps}}` of it (relative, or absolute at
+:math:`2^{-1074}`). Exact zeros, infinities, NaN and the special rows are the
+definition's own values, exactly.
+
+Balls alone cannot decide an exact value that *is* a rounding boundary: a tie between two
+float64, which equal logits produce (the weights 1/n of a row, times values whose mean is
+a tie). So the second and later evaluations use the rational variant of the arithmetic:
+exact rationals (FLINT's fmpq) for as long as every operation keeps them rational, balls
+from there on; a result that is rational is then rounded exactly. A value that is not
+rational but lies within :math:`2^{-\mathrm{MAX\_BITS}}` of a boundary (a softcap
+saturated by logits of 1e12, whose weights differ from 1/n by :math:`e^{-10^{12}}`) does
+not decide: ``undecided="midpoint"`` returns its ball's midpoint instead of raising.
+
+``backend="mpmath"`` evaluates the same definition in mpmath at ``dps`` digits (plus the
+digits the logits' magnitude needs): the ground truth of earlier versions, kept as a
+second, independent backend the tests compare against; nothing there is proved, and it
+can round the wrong way where the exact value is within :math:`10^{-\mathrm{dps}}` of a
+boundary (an lse just above a tie: tests/test_exact_balls.py).
+
+Without python-flint (a platform with no wheel), ``backend="arb"`` raises ImportError;
+``backend="mpmath"`` and the rest of attnspec work.
+
+Inputs are float64 (or converted to float64 exactly), so every input is an exact number.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mpmath
@@ -23,13 +54,42 @@ import numpy.typing as npt
 
 from attnspec.reference.inputs import as_real_float64
 from attnspec.reference.mpmath_exact import Exact, _as_mpf
-from attnspec.reference.rounding import to_float64
+from attnspec.reference.rounding import (
+    UndecidedRounding,
+    nearest_fraction,
+    round_ball,
+    to_float64,
+)
+from attnspec.reference.rounding import _round_mpf as _round_mpf_exactly
 from attnspec.reference.softmax import _evaluate
 
-__all__ = ["DEFAULT_DPS", "Exact", "log_softmax", "logsumexp", "sdpa", "softmax", "to_float64"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_DPS",
+    "MAX_BITS",
+    "UNDECIDED",
+    "Exact",
+    "UndecidedRounding",
+    "log_softmax",
+    "logsumexp",
+    "recording_precision",
+    "sdpa",
+    "softmax",
+    "to_float64",
+]
 
 ObjArray = npt.NDArray[np.object_]
 DEFAULT_DPS = 50
+#: the backends of ``backend=``: Arb balls (proved) and mpmath (the earlier ground truth)
+BACKENDS = ("arb", "mpmath")
+#: what ``undecided=`` accepts: raise UndecidedRounding, or return the ball's midpoint
+UNDECIDED = ("raise", "midpoint")
+#: the largest working precision (bits) the ball evaluation may reach; past it,
+#: UndecidedRounding (a result that is exactly a tie between two float64, reached
+#: through an inexact operation such as a weight of 1/3, never decides)
+MAX_BITS = 1 << 14
+#: bits of working precision beyond the dps asked for, at the first evaluation
+GUARD_BITS = 32
 
 
 def _check_dps(dps: object) -> int:
@@ -38,13 +98,41 @@ def _check_dps(dps: object) -> int:
     return int(dps)
 
 
+def _check_undecided(undecided: object) -> str:
+    if not isinstance(undecided, str) or undecided not in UNDECIDED:
+        raise ValueError(f"undecided must be one of {UNDECIDED!r}, got {undecided!r}")
+    return undecided
+
+
+def _check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS!r}, got {backend!r}")
+    return backend
+
+
 def _run(
-    kind: str, x: object, axis: object, where: object, keepdims: bool, dps: object
+    kind: str,
+    x: object,
+    axis: object,
+    where: object,
+    keepdims: bool,
+    dps: object,
+    backend: object,
+    undecided: object = "raise",
 ) -> ObjArray:
-    with mpmath.workdps(_check_dps(dps)):
-        out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
-        # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
-        return _as_mpf(out)
+    digits = _check_dps(dps)
+    rule = _check_undecided(undecided)
+    if _check_backend(backend) == "mpmath":
+        with mpmath.workdps(digits):
+            out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
+            # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
+            return _as_mpf(out)
+
+    def evaluate_once(arith: Any) -> Any:
+        return (_evaluate(kind, x, axis, where, None, keepdims, arith=arith),)
+
+    result: ObjArray = _certified(evaluate_once, digits, 0, kind, rule)[0]
+    return result
 
 
 def softmax(
@@ -53,9 +141,24 @@ def softmax(
     *,
     where: npt.ArrayLike | None = None,
     dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
 ) -> ObjArray:
-    """:func:`attnspec.softmax` in mpmath at ``dps`` decimal digits (object array of mpf)."""
-    return _run("softmax", x, axis, where, False, dps)
+    """:func:`attnspec.softmax`, exactly: an object array of mpf, each the midpoint of a
+    ball proved to hold the exact value, that rounds to the float64 nearest it and is
+    within ``10**-dps`` of it (see the module docstring).
+
+    ``backend``: "arb" (default, proved) or "mpmath" (``dps`` digits, not proved).
+    ``undecided``: "raise" (default: :class:`UndecidedRounding` where even
+    :data:`MAX_BITS` bits do not decide) or "midpoint" (the ball's midpoint there).
+
+    Examples
+    --------
+    >>> from attnspec import exact
+    >>> exact.to_float64(exact.softmax([1.0, 2.0, 3.0]))
+    array([0.09003057, 0.24472847, 0.66524096])
+    """
+    return _run("softmax", x, axis, where, False, dps, backend, undecided)
 
 
 def log_softmax(
@@ -64,9 +167,11 @@ def log_softmax(
     *,
     where: npt.ArrayLike | None = None,
     dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
 ) -> ObjArray:
-    """:func:`attnspec.log_softmax` in mpmath at ``dps`` decimal digits."""
-    return _run("log_softmax", x, axis, where, False, dps)
+    """:func:`attnspec.log_softmax`, exactly; arguments as for :func:`softmax`."""
+    return _run("log_softmax", x, axis, where, False, dps, backend, undecided)
 
 
 def logsumexp(
@@ -76,9 +181,11 @@ def logsumexp(
     where: npt.ArrayLike | None = None,
     keepdims: bool = False,
     dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
 ) -> ObjArray:
-    """:func:`attnspec.logsumexp` in mpmath at ``dps`` decimal digits."""
-    return _run("logsumexp", x, axis, where, keepdims, dps)
+    """:func:`attnspec.logsumexp`, exactly; arguments as for :func:`softmax`."""
+    return _run("logsumexp", x, axis, where, keepdims, dps, backend, undecided)
 
 
 def sdpa(
@@ -87,22 +194,36 @@ def sdpa(
     v: npt.ArrayLike,
     *,
     dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
     **options: Any,
 ) -> Any:
-    """:func:`attnspec.sdpa` in mpmath at ``dps`` decimal digits.
+    """:func:`attnspec.sdpa`, exactly: object arrays of mpf, ``out`` or ``(out, lse)``,
+    with the guarantees of :func:`softmax`.
 
-    Takes the same keyword arguments as :func:`attnspec.sdpa` (except ``precision``)
-    and returns object arrays of mpf: ``out`` or ``(out, lse)``.
+    Takes the same keyword arguments as :func:`attnspec.sdpa` (except ``precision``),
+    and ``dps``, ``backend`` and ``undecided`` as :func:`softmax`. With the mpmath
+    backend, the working precision is ``dps`` plus the digits the logits' magnitude
+    needs (their differences keep ``dps`` digits after the shift by the maximum).
     """
     from attnspec.reference.attention import SdpaOptions, evaluate
 
     opts = SdpaOptions.from_kwargs(options)
-    digits = _check_dps(dps) + _logit_digits(q, k, opts)
-    with mpmath.workdps(digits):
-        res = evaluate(Exact(), q, k, v, opts)
-        if opts.return_lse:
-            return tuple(_as_mpf(r) for r in res)
-        return _as_mpf(res)
+    digits = _check_dps(dps)
+    rule = _check_undecided(undecided)
+    if _check_backend(backend) == "mpmath":
+        with mpmath.workdps(digits + _logit_digits(q, k, opts)):
+            res = evaluate(Exact(), q, k, v, opts)
+            if opts.return_lse:
+                return tuple(_as_mpf(r) for r in res)
+            return _as_mpf(res)
+
+    def evaluate_once(arith: Any) -> Any:
+        res = evaluate(arith, q, k, v, opts)
+        return res if opts.return_lse else (res,)
+
+    parts = _certified(evaluate_once, digits, _logit_digits(q, k, opts), "sdpa", rule)
+    return parts if opts.return_lse else parts[0]
 
 
 def _logit_digits(q: object, k: object, opts: Any) -> int:
@@ -137,3 +258,175 @@ def _logit_digits(q: object, k: object, opts: Any) -> int:
     if not math.isfinite(mag):
         return 330  # beyond the float64 range: 10**330 covers every float64 logit
     return max(0, math.ceil(math.log10(mag))) if mag > 1 else 0
+
+
+_RECORDS: list[list[int]] = []
+
+
+@contextlib.contextmanager
+def recording_precision() -> Iterator[list[int]]:
+    """Within the block, each evaluation in balls appends the working precision (bits)
+    at which its results decided to the list this yields (for the benchmark's figures:
+    how often the first precision suffices, the worst one needed)."""
+    record: list[int] = []
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def _bits(digits: int) -> int:
+    return math.ceil(digits * math.log2(10))
+
+
+def _certified(
+    evaluate_once: Callable[[Any], Any],
+    digits: int,
+    logit_digits: int,
+    what: str,
+    undecided_rule: str = "raise",
+) -> tuple[ObjArray, ...]:
+    """Evaluate in balls until every result decides its float64 rounding and ``digits``
+    digits (Ziv's strategy), doubling the working precision; the results as mpf.
+
+    After the first evaluation that does not decide, the rational variant of the
+    arithmetic is used: a result that is a rational (equal logits give weights 1/n)
+    is then exact, and decides even where it is a tie between two float64, which no
+    ball around it would.
+
+    At MAX_BITS, what still does not decide raises UndecidedRounding, or with
+    ``undecided_rule="midpoint"`` is the midpoint of its ball (within the ball's
+    radius, at most about 2**-MAX_BITS relative, of the exact value)."""
+    try:
+        import flint
+    except ImportError as err:  # pragma: no cover - python-flint is a dependency
+        raise ImportError(
+            "attnspec.exact needs python-flint (pip install python-flint) for its default "
+            "backend='arb'; backend='mpmath' works without it"
+        ) from err
+
+    from attnspec.reference.balls import BallArithmetic
+
+    target = _bits(digits)
+    bits = target + GUARD_BITS + _bits(logit_digits)
+    saved = flint.ctx.prec
+    arith = BallArithmetic()
+    while True:
+        flint.ctx.prec = bits
+        try:
+            parts = evaluate_once(arith)
+            finished = [_finish_all(np.asarray(p, dtype=object), target) for p in parts]
+        finally:
+            flint.ctx.prec = saved
+        undecided = [np.argwhere(np.asarray(_is_none(f), dtype=bool)) for f in finished]
+        if not any(u.size for u in undecided):
+            for record in _RECORDS:
+                record.append(bits)
+            return tuple(finished)
+        if bits >= MAX_BITS and undecided_rule == "midpoint":
+            for f, p, u in zip(finished, parts, undecided, strict=True):
+                p = np.asarray(p, dtype=object)
+                for at in map(tuple, u):
+                    f[at] = _midpoint(p[at])
+            return tuple(finished)
+        if bits >= MAX_BITS:
+            which = next(i for i, u in enumerate(undecided) if u.size)
+            at = tuple(int(i) for i in undecided[which][0])
+            name = "" if len(parts) == 1 else ("out", "lse")[which] + " "
+            raise UndecidedRounding(
+                f"attnspec.exact.{what}: the result {name}at {at} is the ball "
+                f"{np.asarray(parts[which], dtype=object)[at]} at {bits} bits of working "
+                f"precision, which decides neither its float64 rounding nor {digits} "
+                "digits: its exact value lies closer to a rounding boundary than that "
+                "precision resolves (softcap saturated by huge logits, for example); "
+                "undecided='midpoint' returns the ball's midpoint instead"
+            )
+        bits = min(2 * bits, MAX_BITS)
+        arith = BallArithmetic(rational=True)
+
+
+_make_mpf = mpmath.mp.make_mpf
+_is_none = np.frompyfunc(lambda x: x is None, 1, 1)
+
+
+def _finish(x: Any, target: int) -> Any:
+    """The ball ``x`` as an mpf (its midpoint) if it decides its float64 rounding and
+    ``target`` bits, else None. A float (a special value of the definition) is exact."""
+    if isinstance(x, float):
+        return mpmath.mpf(x)
+    if type(x).__name__ == "fmpq":
+        return _mpf_of_rational(int(x.p), int(x.q), target)
+    if x.rel_accuracy_bits() >= target:
+        if not _rounds_quickly(x, target) and round_ball(x) is None:
+            return None
+    elif not x.rad() <= _tiny(target) or round_ball(x) is None:
+        return None
+    man, exp = x.mid().man_exp()
+    m = int(man)
+    if m == 0:
+        return mpmath.mpf(0)
+    # arb's midpoints are normalized (odd mantissa): mpmath's raw form, directly
+    return _make_mpf(
+        (0, m, int(exp), m.bit_length()) if m > 0 else (1, -m, int(exp), (-m).bit_length())
+    )
+
+
+def _mpf_of_rational(p: int, q: int, target: int) -> Any:
+    """p / q as an mpf: exact when q is a power of two, else to ``target`` + 64 bits and
+    then as many more as it takes to round to float64 as p / q does (a rational that is
+    not dyadic is never a tie, but may lie close to one)."""
+    if q & (q - 1) == 0:  # dyadic: exactly p * 2**-log2(q)
+        return _make_mpf(mpmath.libmp.from_man_exp(p, 1 - q.bit_length()))
+    want = nearest_fraction(p, q)
+    prec = target + 64
+    while True:
+        with mpmath.workprec(prec):
+            y = mpmath.mpf(p) / q
+        if _round_mpf_exactly(y) == want or prec > 1 << 16:
+            return y
+        prec *= 2
+
+
+def _midpoint(x: Any) -> Any:
+    """The midpoint of a ball (or a rational) as an mpf, undecided or not."""
+    if type(x).__name__ == "fmpq":
+        with mpmath.workprec(MAX_BITS):
+            return mpmath.mpf(int(x.p)) / int(x.q)
+    if isinstance(x, float):
+        return mpmath.mpf(x)
+    man, exp = x.mid().man_exp()
+    return _make_mpf(mpmath.libmp.from_man_exp(int(man), int(exp)))
+
+
+def _rounds_quickly(x: Any, target: int) -> bool:
+    r"""A sufficient test, in float64, that the ball ``x`` of relative radius at most
+    :math:`2^{-t}` (``target``, t >= 60) rounds to ``float(x)``, a normal float64 f:
+    the residual :math:`r = m - f` of the midpoint is computed as a ball and rounded
+    (relative error at most :math:`2^{-52}`), so every point lies within
+    :math:`|\mathrm{fl}(r)|(1 + 2^{-50}) + 2^{2-t}|f|` of f, which must stay below
+    half the smaller gap to f's neighbours. False when unsure (round_ball decides)."""
+    f = float(x)
+    a = abs(f)
+    if not 2.0**-1021 <= a <= 2.0**1022:
+        return False
+    gap = math.ulp(f)
+    if a == 2.0 ** math.frexp(a)[1] / 2:  # a power of two: the gap below is half
+        gap /= 2
+    r = abs(float(x - f))
+    return r * (1 + 2.0**-50) + 2.0 ** (2 - target) * a < gap / 2
+
+
+_finish_each = np.frompyfunc(_finish, 2, 1)
+
+
+def _finish_all(a: ObjArray, target: int) -> ObjArray:
+    with np.errstate(invalid="ignore"):  # NaN entries: numpy reports them, quietly
+        return np.asarray(_finish_each(a, target), dtype=object).reshape(a.shape)
+
+
+@functools.cache
+def _tiny(target: int) -> Any:
+    import flint
+
+    return flint.arb(2) ** (-1074 - target)

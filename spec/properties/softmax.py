@@ -156,7 +156,10 @@ def exact_family(dps: int = 50) -> SoftmaxFamily:
     from attnspec import exact
 
     def wrap(f: Callable[..., Any]) -> FamilyFn:
-        return lambda x, axis, where: exact.to_float64(f(x, axis, where=where, dps=dps))
+        # undecided="midpoint": where no precision decides, the ball's midpoint
+        return lambda x, axis, where: exact.to_float64(
+            f(x, axis, where=where, dps=dps, undecided="midpoint")
+        )
 
     return SoftmaxFamily(
         name=f"attnspec.exact[dps={dps}]",
@@ -164,7 +167,10 @@ def exact_family(dps: int = 50) -> SoftmaxFamily:
         log_softmax=wrap(exact.log_softmax),
         logsumexp=wrap(exact.logsumexp),
         accuracy="accurate",
-        call=f"attnspec.exact.to_float64(attnspec.exact.{{kind}}({{args}}, dps={dps}))",
+        call=(
+            "attnspec.exact.to_float64(attnspec.exact.{kind}({args}, "
+            f"dps={dps}, undecided='midpoint'))"
+        ),
     )
 
 
@@ -758,7 +764,7 @@ def check_agreement(
     for kind in _KINDS:
         c = inp.call(kind)
         f = getattr(exact, kind)
-        y = f(inp.x, inp.axis, where=inp.where, dps=dps)
+        y = f(inp.x, inp.axis, where=inp.where, dps=dps, undecided="midpoint")
         y = np.asarray(y, dtype=object)
         yr = y.reshape(inp.lay.rows, 1) if kind == "logsumexp" else inp.lay.to_rows(y)
         # the bound of a +inf slice is that of its infinite entries taken as equal

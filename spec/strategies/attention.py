@@ -200,13 +200,13 @@ class _Shapes:
 
 
 @st.composite
-def _shapes(draw: st.DrawFn, gqa: bool, max_side: int) -> _Shapes:
+def _shapes(draw: st.DrawFn, gqa: bool, max_side: int, max_width: int = 4) -> _Shapes:
     empty = draw(st.integers(0, 9)) == 0
     lo = 0 if empty else 1
     n_q = draw(st.integers(lo, max_side))
     n_k = draw(st.integers(lo, max_side))
-    width = draw(st.integers(1, 4))
-    width_v = draw(st.integers(1, 4))
+    width = draw(st.integers(1, max_width))
+    width_v = draw(st.integers(1, max_width))
     if draw(st.integers(0, 7)) == 0:  # 2-D: one head
         return _Shapes((n_q, width), (n_k, width), (n_k, width_v))
     hkv = draw(st.integers(1, 2))
@@ -432,7 +432,7 @@ def _check_features(features: object) -> frozenset[str]:
 
 
 def _check_attention_args(
-    features: object, magnitude: object, max_side: object, poison: object
+    features: object, magnitude: object, max_side: object, poison: object, max_width: object = 4
 ) -> frozenset[str]:
     """InvalidArgument for a bad argument of :func:`attention_cases`; the features."""
     feats = _check_features(features)
@@ -444,6 +444,10 @@ def _check_attention_args(
         raise InvalidArgument(f"Expected an int but got {_got('max_side', max_side)}")
     if max_side < 1:
         raise InvalidArgument(f"Expected max_side >= 1 but got max_side={max_side!r}")
+    if isinstance(max_width, bool) or not isinstance(max_width, numbers.Integral):
+        raise InvalidArgument(f"Expected an int but got {_got('max_width', max_width)}")
+    if max_width < 1:
+        raise InvalidArgument(f"Expected max_width >= 1 but got max_width={max_width!r}")
     if poison is not None and not isinstance(poison, bool):
         raise InvalidArgument(f"Expected a bool or None but got {_got('poison', poison)}")
     if poison is True and not feats & set(_HIDING):
@@ -460,19 +464,27 @@ def attention_cases(
     magnitude: str | None = None,
     max_side: int = 4,
     poison: bool | None = None,
+    max_width: int = 4,
 ) -> st.SearchStrategy[AttentionCase]:
     """An :class:`AttentionCase` using only ``features`` (default: all of them).
 
     ``magnitude``: one of :data:`MAGNITUDES`, or None to draw one (moderate half the
-    time). ``max_side`` (at least 1) bounds L and S (keep it small for the exact
-    reference). ``poison``: put NaN/inf at hidden positions always (``features`` must
+    time). ``max_side`` (at least 1) bounds L and S, ``max_width`` (at least 1) E and
+    Ev (the exact reference, in balls, takes about 0.1 s at L = S = E = 64).
+    ``poison``: put NaN/inf at hidden positions always (``features`` must
     then include mask, causal or window), never, or (None) in one case in three.
 
     Bad arguments raise :class:`hypothesis.errors.InvalidArgument` here, when the
     strategy is built, not when a case is drawn.
     """
-    feats = _check_attention_args(features, magnitude, max_side, poison)
-    return _attention_cases(features=feats, magnitude=magnitude, max_side=max_side, poison=poison)
+    feats = _check_attention_args(features, magnitude, max_side, poison, max_width)
+    return _attention_cases(
+        features=feats,
+        magnitude=magnitude,
+        max_side=max_side,
+        poison=poison,
+        max_width=max_width,
+    )
 
 
 @st.composite
@@ -483,10 +495,11 @@ def _attention_cases(
     magnitude: str | None,
     max_side: int,
     poison: bool | None,
+    max_width: int = 4,
 ) -> AttentionCase:
     """:func:`attention_cases`, its arguments checked."""
     feats = frozenset(features)
-    sh = draw(_shapes("gqa" in feats, max_side))
+    sh = draw(_shapes("gqa" in feats, max_side, max_width))
     if magnitude is None:
         magnitude = "moderate" if draw(st.booleans()) else draw(st.sampled_from(MAGNITUDES[1:]))
     q, k, v, kw = _numbers(draw, sh, magnitude)
