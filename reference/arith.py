@@ -142,14 +142,20 @@ class Fast:
 
     def add(self, a: F64, b: F64) -> F64:
         # inf + (-inf) = NaN is the IEEE answer; where it arises the key is hidden
-        # (a bias of -inf) or the row is NaN by the definition's rules: no warning.
-        with np.errstate(invalid="ignore"):
+        # (a bias of -inf) or the row is NaN by the definition's rules. A logit beyond
+        # the float64 range (tau q.k = 1e308 plus a bias of 1e308) overflows to +-inf:
+        # plain float64's answer, which precision="fast" returns (docs/reliability.md).
+        # No warning.
+        with np.errstate(invalid="ignore", over="ignore"):
             return np.add(a, b)
 
     def sub(self, a: F64, b: F64) -> F64:
         # x - max overflows to -inf for x = -1e308, max = 1e308: the correctly
-        # rounded result, and exp(-inf) = 0 is the right weight. No warning.
-        with np.errstate(over="ignore"):
+        # rounded result, and exp(-inf) = 0 is the right weight. An ALiBi term that
+        # overflowed (slope 1e308 times distance 2 = inf) taken from a logit that did
+        # too (+inf) gives inf - inf = NaN, the IEEE answer: the row is NaN by the
+        # definition's rules. No warning.
+        with np.errstate(over="ignore", invalid="ignore"):
             return np.subtract(a, b)
 
     def div(self, a: F64, b: F64) -> F64:

@@ -830,8 +830,12 @@ class DoubleDouble:
           scaled by :math:`2^{600}` first when :math:`c < 2^{-900}` (so that :math:`1/c`
           does not overflow).
 
-        When every entry lies in the last region (the usual case), that is the whole
-        evaluation, exactly as before this operation existed.
+        When every entry lies in the last region and the cap needs no scaling (the usual
+        case), that is the whole evaluation, exactly as before this operation existed. A
+        cap below :math:`2^{-900}` always takes the scaled path, also when every entry is in
+        the last region or there is none at all (S = 0, where ``middle.all()`` holds
+        vacuously): unscaled, :math:`1/c` overflows (:math:`c < 2^{-1024}`) or so does the
+        splitting of it (:math:`c < 2^{-996}`), which made NaN logits and warnings.
         """
         hi = s.hi
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -840,14 +844,14 @@ class DoubleDouble:
         saturated = ~nan & (ratio > 40.0)
         tiny = ~nan & (ratio < 2.0**-52)
         middle = ~(nan | saturated | tiny)
-        if middle.all():
+        scale = 600 if c < 2.0**-900 else 0
+        if middle.all() and not scale:
             cap = DD(np.asarray(c, dtype=np.float64), None)
             return self.mul(cap, self.tanh(self.div(s, cap)))
         lo = np.broadcast_to(_lo(s), hi.shape)
         out_hi = np.where(saturated, np.copysign(c, hi), hi)
         out_lo = np.where(saturated | nan, 0.0, lo)
         if middle.any():
-            scale = 600 if c < 2.0**-900 else 0
             # the other entries get the stand-in s = c (r = 1), replaced below
             part = DD(
                 np.ldexp(np.where(middle, hi, c), scale), np.ldexp(np.where(middle, lo, 0.0), scale)

@@ -196,10 +196,11 @@ def _arrays(result: Any) -> list[np.ndarray]:
     return [result] if isinstance(result, np.ndarray) else []
 
 
-def run(call: Call, kind: str) -> Outcome:
+def run(call: Call, kind: str, also: tuple[type[Exception], ...] = ()) -> Outcome:
     """Make ``call`` (its arguments built fresh), counted under ``kind``, and check (c) and
     (d): no argument modified, no result sharing memory with one, no warning escaping;
-    any exception but a TypeError or ValueError is a violation too."""
+    any exception but a TypeError or ValueError (or one of ``also``, recorded like them)
+    is a violation too."""
     fn = FUNCTIONS[call.func]
     args = [build(c) for c in call.args]
     kwargs = {k: build(c) for k, c in call.kwargs}
@@ -211,7 +212,7 @@ def run(call: Call, kind: str) -> Outcome:
         warnings.simplefilter("always")
         try:
             out.result = fn(*args, **kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, *also) as exc:
             out.error = exc
         except Exception as exc:
             raise violation(
@@ -1694,6 +1695,8 @@ class SdpaResults:
 
 def check_sdpa_case(case: SdpaCase, label: str | None = None) -> SdpaResults:
     """(a), (c), (d) for sdpa and exact.sdpa on ``case``."""
+    if case.label == "overflow":
+        raise AssertionError("an overflow case has a contract of its own: check_sdpa_overflow")
     kind_label = label or case.kind()
     m = model(case)
     out_shape, lse_shape = _output_shape(m)
@@ -1742,6 +1745,319 @@ def check_sdpa_case(case: SdpaCase, label: str | None = None) -> SdpaResults:
         compare(f"{p} bound", call, "lse", lse, ylc, lse_allowed, case.dps_value)
     check_sdpa_rules(case, call, out, lse)
     return SdpaResults(out, lse, yres, y, ylc, w)
+
+
+# ---------------------------------------------------------------------------------------
+# Logits beyond the float64 range (sdpa_cases("overflow")): the decision of issue 7
+# ---------------------------------------------------------------------------------------
+
+#: the least magnitude that rounds to an infinity (round to nearest): 2^1024 - 2^970
+ROUNDS_TO_INF = Fraction(2**1024 - 2**970)
+#: "the logit at (i, j, ...) ... is beyond the float64 range", as
+#: attnspec.reference.attention._refuse_overflowed_logits words it
+_REFUSAL = re.compile(r"the logit at \(([0-9, ]*)\).*? is beyond the float64 range", re.S)
+
+
+def _fraction_of(v: Any) -> Fraction:
+    f = _exact_fraction(v)
+    assert isinstance(f, Fraction), v  # (the fuzzer's own check: a finite value)
+    return f
+
+
+def _mpf_of(f: Fraction) -> Any:
+    """``f`` as an mpf at the working precision."""
+    return mpmath.mpf(f.numerator) / f.denominator
+
+
+@dataclass(frozen=True)
+class LogitModel:
+    """The exact logits of a case, found independently of attnspec (``fractions``), and
+    where they, or the values on their way, leave the float64 range.
+
+    Arrays have the logits' shape, ``(1, L, S)`` for 2-D inputs; a sink's logit is not
+    among them (it is an input, never beyond the range).
+    """
+
+    logits: npt.NDArray[np.object_]  # Fraction: tau q.k, softcap, + bias - slope |i + o - j|
+    #: visible, and a value on the way rounds to +-inf: q.k, tau q.k (unless a softcap
+    #: follows: c tanh(+-inf) = +-c is the limit), the sum with the bias, the ALiBi term
+    #: slope * distance, the logit
+    overflows: npt.NDArray[np.bool_]
+    #: visible, and a value on the way exceeds the largest float64 (the rounding band
+    #: (DBL_MAX, 2^1024 - 2^970) included), or could in some order of summation of q.k
+    #: (sum_e |q_e k_e|, times |tau|), softcapped or not: where precision="accurate" may
+    #: refuse, as "the way there"
+    beyond: npt.NDArray[np.bool_]
+    seen: npt.NDArray[np.bool_]  # the visible logits (mask, causal, window, bias -inf)
+
+
+def logit_model(case: SdpaCase) -> LogitModel:
+    """The exact logits of ``case`` (finite q, k, bias and slopes; the overflow cases)."""
+    m = model(case)
+    q, k = case.q.value, case.k.value
+    if m.two_d:
+        q, k = q[None], k[None]
+    full = m.logits_shape if not m.two_d else (1, m.n_q, m.n_k)
+    # query head h reads key/value head h // G
+    kr = np.repeat(k, m.hq // m.hkv, axis=-3)
+    qb = np.broadcast_to(q, (*full[:-2], m.n_q, m.width))
+    kb = np.broadcast_to(kr, (*full[:-2], m.n_k, m.width))
+    scale = case.opt("scale")
+    tau = _fraction_of(1.0 / math.sqrt(m.width) if scale is None else float(scale))
+    cap = case.opt("softcap")
+    bias = case.opt("bias")
+    bias_b = None if bias is None else np.broadcast_to(bias, full)
+    slopes = case.opt("alibi_slopes")
+    slopes_b = dist = None
+    if slopes is not None:
+        slopes_b = np.broadcast_to(np.asarray(slopes, dtype=np.float64)[..., None, None], full)
+        offset = alignment_offset(m.n_q, m.n_k, case.opt("align"), "alibi_slopes")
+        dist = np.abs(relative_position(m.n_q, m.n_k, offset))
+    seen = m.seen.reshape(full)
+    logits = np.empty(full, dtype=object)
+    overflows = np.zeros(full, dtype=bool)
+    beyond = np.zeros(full, dtype=bool)
+    big = Fraction(DBL_MAX)
+    for idx in np.ndindex(full):
+        qrow, krow = qb[idx[:-1]], kb[(*idx[:-2], idx[-1])]
+        pairs = zip(qrow, krow, strict=True)
+        prods = [_fraction_of(float(a)) * _fraction_of(float(b)) for a, b in pairs]
+        qk = sum(prods, Fraction(0))
+        size = sum((abs(p) for p in prods), Fraction(0))
+        s = tau * qk
+        way = [qk, s]  # the values on the way that must stay in range
+        loose = [qk, s, size, abs(tau) * size]  # those that may not
+        if cap is not None:
+            c = _fraction_of(float(cap))
+            with mpmath.workprec(200):
+                s = _fraction_of(_mpf_of(c) * mpmath.tanh(_mpf_of(s) / _mpf_of(c)))
+            way = []  # a softcap brings an overflowed tau q.k back, exactly to the limit
+        if bias_b is not None:
+            s = s + _fraction_of(float(bias_b[idx]))
+            way.append(s)
+        if slopes_b is not None:
+            assert dist is not None
+            alibi = _fraction_of(float(slopes_b[idx])) * int(dist[idx[-2], idx[-1]])
+            s = s - alibi
+            way += [alibi, s]
+        way.append(s)
+        logits[idx] = s
+        overflows[idx] = bool(seen[idx]) and any(abs(x) >= ROUNDS_TO_INF for x in way)
+        beyond[idx] = overflows[idx] or (
+            bool(seen[idx]) and any(abs(x) > big for x in (*loose, *way))
+        )
+    return LogitModel(logits, overflows, beyond, seen)
+
+
+def _named_logit(msg: str, lm: LogitModel) -> str | None:
+    """Why the refusal ``msg`` does not name a visible logit beyond the range (None: it
+    does). The index it names is in (..., Hq, L, S) with the batch dimensions of q and k
+    (not those only v has): it is read right-aligned."""
+    found = _REFUSAL.search(msg)
+    if found is None:
+        return "the message does not say 'the logit at (...) ... is beyond the float64 range'"
+    at = tuple(int(i) for i in found.group(1).replace(" ", "").split(",") if i)
+    lead = lm.beyond.ndim - len(at)
+    if len(at) < 3 or lead < 0:
+        return f"it names {at}, not an index (..., Hq, L, S) of the logits {lm.beyond.shape}"
+    where = np.asarray(lm.beyond.any(axis=tuple(range(lead))) if lead else lm.beyond)
+    if any(i >= n for i, n in zip(at, where.shape, strict=True)):
+        return f"it names {at}, outside the logits {lm.beyond.shape}"
+    if not where[at]:
+        return f"it names {at}, a logit that is not beyond the float64 range (nor on its way)"
+    return None
+
+
+def check_sdpa_overflow(case: SdpaCase) -> None:
+    """The contract where a visible logit, or a value on its way, is beyond the float64
+    range although q, k and bias are finite (``sdpa_cases("overflow")``; the decision of
+    issue 7, docs/reliability.md):
+
+    * ``precision="accurate"``: a ValueError whose message names such a logit ("the logit
+      at (...) is beyond the float64 range"); where no visible logit gets there
+      (:class:`LogitModel`), a result within its claimed bound, as for valid input;
+    * ``precision="fast"``: plain float64's answer (IEEE overflow to +-inf; outputs may be
+      NaN, inf or 0, no accuracy bound): float64 arrays of the documented shapes;
+    * ``attnspec.exact.sdpa`` holds the logits exactly: finite output and lse (every row
+      sees a key or a sink), the output of each row within [min, max] of the values of
+      its visible keys (the weights are convex: p_j >= 0, sum_j p_j = 1; a sink's value is
+      0), the lse within [max_j x_j, max_j x_j + log n] of the exact logits x_j (a sink's
+      included), both on the mpf values.
+
+    All calls are held to (c) and (d) by :func:`run`: no input modified, no result
+    sharing memory with one, no warning escaping (the refusal included).
+    """
+    kw = case.kwargs()
+    # the fuzzer's own checks: what this contract (and the convexity) presumes
+    assert "dropout_mask" not in kw, "an overflow case has no dropout"
+    for name in ("bias", "alibi_slopes", "sinks"):
+        assert kw.get(name) is None or np.isfinite(kw[name]).all(), name
+    assert all(np.isfinite(a).all() for a in (case.q.value, case.k.value, case.v.value))
+    m = model(case)
+    lm = logit_model(case)
+    out_shape, lse_shape = _output_shape(m)
+    dps = case.dps_value
+
+    # attnspec.exact: finite, the output convex in the visible values, the lse in range.
+    # A result within 2^-MAX_BITS of a float64 rounding boundary cannot decide its
+    # rounding at any precision (an lse that is a tie between two float64 plus
+    # e^-1e308, from a logit of -1e308 beside finite ones): exact raises
+    # UndecidedRounding, as documented, and undecided="midpoint" gives the ball's
+    # midpoint. The checks below are on the mpf values, not on their roundings.
+    ecall = case.call(exact_fn=True)
+    eout = run(ecall, "overflow", also=(exact.UndecidedRounding,))
+    if isinstance(eout.error, exact.UndecidedRounding):
+        ecall = ecall.with_kwargs(undecided="'midpoint'")
+        eout = run(ecall, "overflow")
+    yres = eout.value()
+    y, y_lse = yres if case.rl else (yres, None)
+    check_exact_result(ecall, y, out_shape)
+    if y_lse is not None:
+        check_exact_result(ecall, y_lse, lse_shape)
+    v = case.v.value
+    both = np.concatenate([v, np.abs(v)], axis=-1)
+    yc, ylc = exact.sdpa(
+        case.q.value.copy(),
+        case.k.value.copy(),
+        both,
+        dps=dps,
+        return_lse=True,
+        undecided="midpoint",
+        **kw,
+    )
+    ev = v.shape[-1]
+    if not mpf_same(y, yc[..., :ev]).all() or (
+        y_lse is not None and not mpf_same(y_lse, ylc).all()
+    ):
+        raise violation(
+            "exact reads every form",
+            ecall,
+            "differs from the call on the same values as C-contiguous float64 arrays",
+        )
+    _check_exact_overflow(case, ecall, m, lm, y, ylc, dps)
+
+    # attnspec.sdpa, in both arithmetics (the drawn precision form, and the other one)
+    other = py("fast") if case.precision_value == "accurate" else None
+    for form in (case.precision, other):
+        pcase = replace(case, precision=form)
+        call = pcase.call()
+        outcome = run(call, "overflow")
+        if pcase.precision_value == "fast" or outcome.error is None:
+            res = outcome.value()
+            if pcase.rl:
+                if not isinstance(res, tuple) or len(res) != 2:
+                    raise violation(
+                        "result type", call, f"return_lse=True gave {type(res).__name__}"
+                    )
+                out, lse = res
+                check_float_result(call, lse, lse_shape, "lse")
+            else:
+                out, lse = res, None
+            check_float_result(call, out, out_shape, "output")
+        if pcase.precision_value == "fast":
+            continue  # plain float64's answer: no accuracy bound
+        if outcome.error is not None:
+            if lm.overflows.any() or lm.beyond.any():
+                why = (
+                    f"{type(outcome.error).__name__} is not a ValueError"
+                    if not isinstance(outcome.error, ValueError)
+                    else _named_logit(str(outcome.error), lm)
+                )
+                if why is not None:
+                    raise violation(
+                        "accurate refuses naming a logit beyond the range",
+                        call,
+                        f"{why}: {type(outcome.error).__name__}: {outcome.error}",
+                    )
+                continue
+            outcome.value()  # no visible logit gets beyond the range: refused valid input
+        if lm.overflows.any():
+            at = tuple(int(i) for i in np.argwhere(lm.overflows)[0])
+            raise violation(
+                "accurate refuses logits beyond the range",
+                call,
+                f"returned a result, but the logit at {at} (..., Hq, L, S) is "
+                f"{mpmath.nstr(_mpf_of(lm.logits[at]), 5)} (or a value on its way beyond)",
+            )
+        # a result although logits got near (or, on the way, beyond) the range: the claim
+        w = exact.to_float64(yc[..., ev:])
+        out_allowed, lse_allowed = sdpa_allowed(pcase, w)
+        compare("accurate bound", call, "output", out, y, out_allowed, dps)
+        if lse is not None:
+            compare("accurate bound", call, "lse", lse, ylc, lse_allowed, dps)
+        check_sdpa_rules(pcase, call, out, lse)
+
+
+def _check_exact_overflow(
+    case: SdpaCase, ecall: Call, m: Model, lm: LogitModel, y: Any, y_lse: Any, dps: int
+) -> None:
+    """exact.sdpa's output and lse (``y``, ``y_lse``: mpf) against what the exact logits
+    ``lm`` imply, row by row: finite, the output within [min, max] of the visible values,
+    the lse within [max x, max x + log n]. Both up to the exact arithmetic's own
+    rounding, 10^(3 - dps) relative (a sum of weights rounded at ``dps`` digits may
+    exceed 1 by about 10^-dps)."""
+    full = lm.logits.shape
+    v = case.v.value
+    vr = np.repeat(v[None] if m.two_d else v, m.hq // m.hkv, axis=-3)
+    vb = np.broadcast_to(vr, (*full[:-2], m.n_k, m.width_v))
+    y = np.asarray(y, dtype=object).reshape((*full[:-1], m.width_v))
+    y_lse = np.asarray(y_lse, dtype=object).reshape(full[:-1])
+    sinks = case.opt("sinks")
+    sig = None
+    if sinks is not None:
+        sig = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[..., None], full[:-1])
+    empty = False
+    with mpmath.workdps(dps + 20):
+        rel = mpmath.mpf(10) ** (3 - dps)
+        for row in np.ndindex(full[:-1]):
+            keys = np.flatnonzero(lm.seen[row])
+            xs = [_mpf_of(lm.logits[(*row, j)]) for j in keys]
+            if sig is not None:
+                xs.append(mpmath.mpf(float(sig[row])))
+            if not xs:
+                empty = True  # a row that sees nothing: check_sdpa_rules below
+                continue
+            at = tuple(int(i) for i in row)
+            values = [y[(*row, e)] for e in range(m.width_v)] + [y_lse[row]]
+            if not all(mpmath.isfinite(x) for x in values):
+                raise violation(
+                    "exact holds logits beyond the range",
+                    ecall,
+                    f"query row {at}: output {[mpmath.nstr(x, 5) for x in values[:-1]]}, "
+                    f"lse {mpmath.nstr(values[-1], 5)}; the exact values are finite",
+                )
+            top = max(xs)
+            lo_l, hi_l = top, top + mpmath.log(len(xs))
+            slack = rel * max(abs(lo_l), abs(hi_l), 1)
+            if not lo_l - slack <= y_lse[row] <= hi_l + slack:
+                raise violation(
+                    "exact lse within [max x, max x + log n]",
+                    ecall,
+                    f"query row {at}: lse {mpmath.nstr(y_lse[row], 20)}, the exact logits "
+                    f"give [{mpmath.nstr(lo_l, 20)}, {mpmath.nstr(hi_l, 20)}]",
+                )
+            for e in range(m.width_v):
+                col = [mpmath.mpf(float(vb[(*row[:-1], j, e)])) for j in keys]
+                if sig is not None:
+                    col.append(mpmath.mpf(0))  # the sink's value
+                lo_v, hi_v = min(col), max(col)
+                slack = rel * max(abs(lo_v), abs(hi_v))
+                if not lo_v - slack <= y[(*row, e)] <= hi_v + slack:
+                    raise violation(
+                        "exact output within the visible values",
+                        ecall,
+                        f"query row {at}, column {e}: output {mpmath.nstr(y[(*row, e)], 20)} "
+                        f"outside [{mpmath.nstr(lo_v, 20)}, {mpmath.nstr(hi_v, 20)}], the "
+                        "range of the values its weights (convex) combine",
+                    )
+    if empty:
+        out_shape, lse_shape = _output_shape(m)
+        check_sdpa_rules(
+            case,
+            ecall,
+            exact.to_float64(y.reshape(out_shape)),
+            exact.to_float64(y_lse.reshape(lse_shape)),
+        )
 
 
 def poisoned(case: SdpaCase, value: float, targets: Sequence[str]) -> dict[str, str]:
@@ -2500,16 +2816,19 @@ __all__ = [
     "Call",
     "ContractViolation",
     "Invalid",
+    "LogitModel",
     "SdpaCase",
     "SoftmaxCase",
     "build",
     "check_sdpa_case",
     "check_sdpa_hidden",
+    "check_sdpa_overflow",
     "check_softmax_case",
     "check_softmax_hidden",
     "check_to_float64",
     "check_to_float64_invalid",
     "counts_table",
+    "logit_model",
     "run",
     "sdpa_cases",
     "sdpa_invalid",
