@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mpmath
 import numpy as np
 
 import attnspec
@@ -112,31 +113,40 @@ def regimes() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, A
     }
 
 
+def _stats(label: str, calls: list[tuple[int, int]]) -> str:
+    top = ref_exact.MAX_BITS
+    share = sum(n == 1 for n, _ in calls) / len(calls)
+    return (
+        f"| {label} | {len(calls)} | {share:.1%} | {max(b for _, b in calls)} | "
+        f"{sum(b == top for _, b in calls)} |"
+    )
+
+
 def decisions() -> tuple[list[str], dict[str, float]]:
     """Precision statistics over the adversarial rows and the attention regimes; the
     accurate path's worst sdpa error as a multiple of its claim, per regime."""
-    lines = ["| inputs | evaluations | decided at the first precision | worst bits |"]
-    lines.append("|---|---|---|---|")
+    lines = [
+        "| inputs | calls | decided at the first precision | worst bits | undecided at MAX_BITS |"
+    ]
+    lines.append("|---|---|---|---|---|")
+    mid = {"undecided": "midpoint"}
     rows = adversarial_rows()
     with ref_exact.recording_precision() as bits:
         for kind in KINDS:
             for r in rows:
-                getattr(exact, kind)(r[None, :])
-    first = min(bits)
-    lines.append(
-        f"| softmax family, 303 adversarial rows x 3 | {len(bits)} | "
-        f"{sum(b == first for b in bits) / len(bits):.1%} | {max(bits)} |"
-    )
+                getattr(exact, kind)(r[None, :], **mid)
+    lines.append(_stats("softmax family, 303 adversarial rows x 3", bits))
     worst: dict[str, float] = {}
     for name, (q, k, v, kw) in regimes().items():
         with ref_exact.recording_precision() as bits:
-            out, _ = exact.sdpa(q, k, v, return_lse=True, **kw)
-            mass = exact.to_float64(exact.sdpa(q, k, np.abs(v), **kw))
-        lines.append(f"| sdpa: {name} | {len(bits)} | - | {max(bits)} |")
+            out, _ = exact.sdpa(q, k, v, return_lse=True, **mid, **kw)
+            mass = exact.sdpa(q, k, np.abs(v), **mid, **kw)
+        lines.append(_stats(f"sdpa (1, 2, 64, 64, 64): {name}", bits))
         got = attnspec.sdpa(q, k, v, **kw)
-        err = np.abs(got - exact.to_float64(out))  # the exact value rounded: within half an ulp
-        claim = 4 * U * mass * (1 + 2 * U) + ETA
-        worst[name] = float(np.max(err / claim))
+        with mpmath.workdps(60):  # the error against the exact mpf, not its rounding
+            err = np.abs(got.astype(object) - out)
+            claim = 4 * mpmath.mpf(U) * mass.astype(object) + mpmath.mpf(ETA)
+            worst[name] = float(np.max(err / claim))
     return lines, worst
 
 
@@ -146,7 +156,7 @@ def accuracy_softmax() -> list[str]:
     for kind in KINDS:
         ref: list[Any] = []
         for r in rows:
-            ref += list(np.ravel(getattr(exact, kind)(r[None, :])))
+            ref += list(np.ravel(getattr(exact, kind)(r[None, :], undecided="midpoint")))
         computed = np.concatenate(
             [np.ravel(getattr(attnspec, kind)(r[None, :], precision="accurate")) for r in rows]
         )

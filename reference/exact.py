@@ -260,15 +260,16 @@ def _logit_digits(q: object, k: object, opts: Any) -> int:
     return max(0, math.ceil(math.log10(mag))) if mag > 1 else 0
 
 
-_RECORDS: list[list[int]] = []
+_RECORDS: list[list[tuple[int, int]]] = []
 
 
 @contextlib.contextmanager
-def recording_precision() -> Iterator[list[int]]:
-    """Within the block, each evaluation in balls appends the working precision (bits)
-    at which its results decided to the list this yields (for the benchmark's figures:
-    how often the first precision suffices, the worst one needed)."""
-    record: list[int] = []
+def recording_precision() -> Iterator[list[tuple[int, int]]]:
+    """Within the block, each call in balls appends ``(evaluations, bits)`` to the list
+    this yields: how many evaluations it took and the working precision at which its
+    results decided (MAX_BITS also where some did not, with ``undecided="midpoint"``):
+    the benchmark's figures of how often the first precision suffices."""
+    record: list[tuple[int, int]] = []
     _RECORDS.append(record)
     try:
         yield record
@@ -312,7 +313,9 @@ def _certified(
     bits = target + GUARD_BITS + _bits(logit_digits)
     saved = flint.ctx.prec
     arith = BallArithmetic()
+    evaluations = 0
     while True:
+        evaluations += 1
         flint.ctx.prec = bits
         try:
             parts = evaluate_once(arith)
@@ -322,13 +325,15 @@ def _certified(
         undecided = [np.argwhere(np.asarray(_is_none(f), dtype=bool)) for f in finished]
         if not any(u.size for u in undecided):
             for record in _RECORDS:
-                record.append(bits)
+                record.append((evaluations, bits))
             return tuple(finished)
         if bits >= MAX_BITS and undecided_rule == "midpoint":
             for f, p, u in zip(finished, parts, undecided, strict=True):
                 p = np.asarray(p, dtype=object)
                 for at in map(tuple, u):
                     f[at] = _midpoint(p[at])
+            for record in _RECORDS:
+                record.append((evaluations, bits))
             return tuple(finished)
         if bits >= MAX_BITS:
             which = next(i for i, u in enumerate(undecided) if u.size)
@@ -362,14 +367,7 @@ def _finish(x: Any, target: int) -> Any:
             return None
     elif not x.rad() <= _tiny(target) or round_ball(x) is None:
         return None
-    man, exp = x.mid().man_exp()
-    m = int(man)
-    if m == 0:
-        return mpmath.mpf(0)
-    # arb's midpoints are normalized (odd mantissa): mpmath's raw form, directly
-    return _make_mpf(
-        (0, m, int(exp), m.bit_length()) if m > 0 else (1, -m, int(exp), (-m).bit_length())
-    )
+    return _mpf_of_ball_mid(x)
 
 
 def _mpf_of_rational(p: int, q: int, target: int) -> Any:
@@ -421,8 +419,58 @@ _finish_each = np.frompyfunc(_finish, 2, 1)
 
 
 def _finish_all(a: ObjArray, target: int) -> ObjArray:
+    """:func:`_finish` of every entry; the test of :func:`_rounds_quickly` is made for all
+    entries at once where every entry is a ball (then only the conversion to mpf, and
+    :func:`_finish` for the entries the quick test does not settle, go one by one)."""
     with np.errstate(invalid="ignore"):  # NaN entries: numpy reports them, quietly
-        return np.asarray(_finish_each(a, target), dtype=object).reshape(a.shape)
+        quick = _rounds_quickly_all(a, target)
+        if quick is None:
+            return np.asarray(_finish_each(a, target), dtype=object).reshape(a.shape)
+        out = np.empty(a.shape, dtype=object)
+        out[quick] = _mpf_of_balls(a[quick])
+        slow = ~quick
+        if slow.any():
+            out[slow] = _finish_each(a[slow], target)
+        return out
+
+
+def _rounds_quickly_all(a: ObjArray, target: int) -> npt.NDArray[np.bool_] | None:
+    """:func:`_rounds_quickly` and the relative radius test of every entry of ``a`` at
+    once (numpy's loops call the balls' own methods: no Python frame per entry); None if
+    some entry is not a ball."""
+    if a.size == 0:
+        return np.zeros(a.shape, dtype=bool)
+    try:
+        rel = np.asarray(_rel_bits(a), dtype=np.int64).reshape(a.shape)
+    except AttributeError:  # floats (special values) or rationals among the entries
+        return None
+    with np.errstate(over="ignore"):
+        f = np.asarray(_as_float(a), dtype=np.float64).reshape(a.shape)
+        r = np.abs(np.asarray(_as_float(a - f), dtype=np.float64).reshape(a.shape))
+        mag = np.abs(f)
+        gap = np.spacing(mag)
+        power_of_two = np.frexp(mag)[0] == 0.5
+        gap = np.where(power_of_two, gap / 2, gap)  # the gap below a power of two is half
+        normal = (mag >= 2.0**-1021) & (mag <= 2.0**1022)
+        ok = r * (1 + 2.0**-50) + 2.0 ** (2 - target) * mag < gap / 2
+    return normal & (rel >= target) & ok
+
+
+_rel_bits = np.frompyfunc(lambda b: b.rel_accuracy_bits(), 1, 1)
+_as_float = np.frompyfunc(float, 1, 1)
+
+
+def _mpf_of_ball_mid(x: Any) -> Any:
+    """The midpoint of a ball as an mpf, exactly (Arb's midpoints are normalized, with an
+    odd mantissa: mpmath's raw form, directly)."""
+    man, exp = x.mid().man_exp()
+    m, e = int(man), int(exp)
+    if m == 0:
+        return mpmath.mpf(0)
+    return _make_mpf((0, m, e, m.bit_length()) if m > 0 else (1, -m, e, (-m).bit_length()))
+
+
+_mpf_of_balls = np.frompyfunc(_mpf_of_ball_mid, 1, 1)
 
 
 @functools.cache
