@@ -491,6 +491,7 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
             keep=_query_rows(keep, start, stop),
             dropout_p=dropout_p,
             finite_values=finite_values,
+            first_row=start,
         )
         o_block, lse_block = _forward(arith, q64[..., start:stop, :], k64, v64, block)
         if len(starts) == 1:
@@ -533,6 +534,7 @@ class Block:
     keep: Bool | None
     dropout_p: float
     finite_values: bool  # v holds no inf or NaN
+    first_row: int = 0  # the query row the block starts at (for messages)
 
 
 def _query_rows(a: npt.NDArray[Any] | None, start: int, stop: int) -> npt.NDArray[Any] | None:
@@ -576,7 +578,7 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     # 4. hidden keys get logit -inf: weight exactly 0, whatever they held.
     approx = arith.approx(s)
     if arith.overflow == "refuse":
-        _refuse_overflowed_logits(approx, q, k, bias, seen, sinks is not None)
+        _refuse_overflowed_logits(approx, q, k, bias, seen, sinks is not None, blk.first_row)
     if seen is not None:
         s = arith.select(seen, s, arith.lift(np.full((1, 1), -np.inf)))
         approx = np.where(seen, approx, -np.inf)
@@ -595,7 +597,13 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
 
 
 def _refuse_overflowed_logits(
-    approx: F64, q: F64, k: F64, bias: F64 | None, seen: Bool | None, sink: bool
+    approx: F64,
+    q: F64,
+    k: F64,
+    bias: F64 | None,
+    seen: Bool | None,
+    sink: bool,
+    first_row: int = 0,
 ) -> None:
     """ValueError where a visible logit is not finite although every term it is made of
     is: the exact logit lies beyond the float64 range, and an arithmetic bounded like
@@ -613,7 +621,9 @@ def _refuse_overflowed_logits(
     if seen is not None:
         bad = bad & seen
     if bad.any():
-        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        at_block = [int(i) for i in np.argwhere(bad)[0]]
+        at_block[-2] += first_row  # the block's row, as a row of the whole query axis
+        at = tuple(at_block)
         raise ValueError(
             f"the logit at {at} (..., Hq, L, S) is beyond the float64 range (|scale * q.k + "
             "bias| > 1.8e308) although q, k and bias are finite there: precision='accurate' "

@@ -246,6 +246,17 @@ def normalise(
 
     a = arith.take(logits, k)  # the maximum term, shape (..., 1)
     d = arith.sub(logits, a)  # d_j = x_j - a; d_k = 0
+    if arith.overflow != "ieee":
+        # The maximum was chosen from float64 roundings of the logits: two logits that
+        # round alike (1e19 and 1e19 + 1000) may come in the wrong order, leaving a
+        # positive d_j whose exponential overflows. The shifted logits are exact enough
+        # to order: take the largest of them. (Plain float64 holds its logits as they
+        # are rounded: its maximum is the maximum.)
+        ahead = np.any(arith.approx(d) > 0, axis=-1)
+        if ahead.any():
+            k = np.where(ahead, np.argmax(arith.approx(d), axis=-1), k)
+            a = arith.take(logits, k)
+            d = arith.sub(logits, a)
     out: dict[str, Any] = {}
     if "softmax" in want:
         # p_j = e^{d_j} / (1 + s'), s' = sum_{j != k} e^{d_j}

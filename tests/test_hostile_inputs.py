@@ -4,6 +4,7 @@ it guards. Expected values say where they come from."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -201,3 +202,33 @@ def test_python_ints_beyond_int64_are_real_numbers() -> None:
     assert attnspec.softmax([2**70, 1]).tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="x holds an integer beyond the float64 range"):
         attnspec.softmax([10**400, 1])
+
+
+def test_logits_that_round_alike_in_the_wrong_order_do_not_overflow() -> None:
+    # found by the fuzzer's author (issue 7): logits 1e19 and 1e19 + 1000 (exact products
+    # of the inputs) round to the same float64, so the maximum chosen from the roundings
+    # may be the smaller one, and e**(+1000) overflowed to inf: NaN. The exact output is
+    # the value of the larger logit's key, 1 (the other weight is e**-1000 / (1 + e**-1000),
+    # times the value 0); the lse is 1e19 + 1000 + log1p(e**-1000), which rounds to 1e19
+    # (the ulp of 1e19 is 2048)
+    q = [[1.0, 1.0]]
+    k = [[1e19, 0.0], [1e19, 1000.0]]
+    v = [[0.0], [1.0]]
+    out, lse = attnspec.sdpa(q, k, v, scale=1.0, return_lse=True)
+    assert out.tolist() == [[1.0]]
+    assert lse.tolist() == [1e19]
+    ex_out, ex_lse = attnspec.exact.sdpa(q, k, v, scale=1.0, return_lse=True)
+    assert attnspec.exact.to_float64(ex_out).tolist() == [[1.0]]
+    assert attnspec.exact.to_float64(ex_lse).tolist() == [1e19]
+
+
+def test_overflow_refusal_names_the_row_of_the_whole_query_axis(monkeypatch: Any) -> None:
+    # the definition evaluates blocks of query rows; the refusal of a logit beyond the
+    # float64 range must name its row in the call's query axis, not in its block
+    from attnspec.reference import attention
+
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2)  # one query row per block
+    q = np.array([[[1.0], [1.0], [1e300]]])  # one head, three queries
+    k = np.array([[[1e10], [1.0]]])
+    with pytest.raises(ValueError, match=r"the logit at \(0, 2, 0\)"):
+        attnspec.sdpa(q, k, np.ones((1, 2, 1)), scale=1.0)
