@@ -1330,7 +1330,7 @@ def check_agreement(impl: AttentionImpl, case: AttentionCase, dps: int = 50) -> 
 
     case = _fit(impl, case)
     out, lse = _eval(impl, case, lse=True)
-    mid = {"dps": dps, "undecided": "midpoint"}  # the reference's error: far below u
+    mid: dict[str, Any] = {"dps": dps, "undecided": "midpoint"}  # its error: far below u
     y, y_lse = exact.sdpa(case.q, case.k, case.v, return_lse=True, **mid, **case.kwargs)
     with np.errstate(invalid="ignore"):
         absv = np.abs(case.v)
