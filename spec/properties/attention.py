@@ -1420,10 +1420,15 @@ PROPERTIES: dict[str, Callable[..., None]] = {
 
 def _attention_checks() -> list[Check]:
     def c(
-        name: str, text: str, needs: tuple[str, ...] = (), n: int | None = 25, side: int = 4
+        name: str,
+        text: str,
+        needs: tuple[str, ...] = (),
+        n: int | None = 25,
+        side: int = 4,
+        width: int = 4,
     ) -> Check:
         def cases(impl: Any) -> st.SearchStrategy[Any]:
-            return attention_cases(features=impl.features, max_side=side)
+            return attention_cases(features=impl.features, max_side=side, max_width=width)
 
         return Check(name, text, PROPERTIES[name], cases, n, frozenset(needs))
 
@@ -1459,10 +1464,9 @@ def _attention_checks() -> list[Check]:
         c("hidden_values", "NaN/inf at hidden positions never reach the output (bitwise)"),
         c(
             "agreement",
-            "within the claimed bound of attnspec.exact at 50 digits (mpmath is slow: at most "
-            "15 examples, L, S <= 3)",
-            n=15,
-            side=3,
+            "within the claimed bound of attnspec.exact (certified): L, S <= 16, E <= 32",
+            side=16,
+            width=32,
         ),
     ]
 

@@ -976,10 +976,10 @@ BATTERY: list[Check] = [
     ),
     Check(
         "agreement",
-        "every result within the claimed bound of attnspec.exact at 50 digits "
-        "(Hypothesis, at most 50 examples of up to 5 per side: mpmath is slow)",
+        "every result within the claimed bound of attnspec.exact (certified; Hypothesis, at "
+        "most 50 examples of up to 8 per side)",
         check_agreement,
-        _cases(max_side=5),
+        _cases(max_side=8),
         max_examples=50,
     ),
     Check(
