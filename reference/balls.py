@@ -18,6 +18,7 @@ maximum, the special rows) from :meth:`BallArithmetic.approx`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -159,10 +160,12 @@ class BallArithmetic:
     def __init__(self, *, rational: bool = False) -> None:
         self.rational = rational
         e = _elementwise
+        self._memo: dict[tuple[Any, ...], Any] = {}
         if rational:
             self._zero, self._one = _Q_ZERO, _Q_ONE
             self._num, self._expf = e(_q_of_float), e(_q_exp)
-            self._log1pf, self._tanhf = e(_q_log1p), e(_q_tanh)
+            self._log1pf = e(_q_log1p)
+            self._tanhf = e(lambda x: _numbered_1(x, _q_tanh, self._memo))
             self._signs_of, self._float = (
                 np.frompyfunc(_q_sign, 1, 1),
                 np.frompyfunc(_q_float, 1, 1),
@@ -171,6 +174,16 @@ class BallArithmetic:
             self._zero, self._one = _ZERO, _ONE
             self._num, self._expf, self._log1pf, self._tanhf = _to_arb, _exp, _log1p, _tanh
             self._signs_of, self._float = _signs, _mid_float
+
+    def _op(self, f: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+        """``f(a, b)`` entry by entry (numpy's broadcasting). In the rational variant each
+        result is numbered by its operands (value numbering): the same operation on the
+        same numbers gives the same object, and ``x - x`` of one object is an exact 0.
+        Equal logits made by irrational steps (a softcap of equal rationals, then the
+        same bias) thus shift to exactly 0 and give exactly equal, rational, weights."""
+        if not self.rational:
+            return f(a, b)
+        return _numbered(a, b, f, self._memo)
 
     def _special(self, b: ObjArray, s: F64 | None) -> Balls:
         return _with_special(b, s, self._zero)
@@ -187,34 +200,35 @@ class BallArithmetic:
 
     def add(self, a: Balls, b: Balls) -> Balls:
         if a.s is None and b.s is None:
-            return Balls(_obj(a.b + b.b), None)
+            return Balls(_obj(self._op(operator.add, a.b, b.b)), None)
         with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as in the reals' rules
-            return self._special(a.b + b.b, _special(a) + _special(b))
+            return self._special(self._op(operator.add, a.b, b.b), _special(a) + _special(b))
 
     def sub(self, a: Balls, b: Balls) -> Balls:
         if a.s is None and b.s is None:
-            return Balls(_obj(a.b - b.b), None)
+            return Balls(_obj(self._op(operator.sub, a.b, b.b)), None)
         with np.errstate(invalid="ignore"):
-            return self._special(a.b - b.b, _special(a) - _special(b))
+            return self._special(self._op(operator.sub, a.b, b.b), _special(a) - _special(b))
 
     def mul(self, a: Balls, b: Balls) -> Balls:
         if a.s is None and b.s is None:
-            return Balls(_obj(a.b * b.b), None)
+            return Balls(_obj(self._op(operator.mul, a.b, b.b)), None)
         sa, sb = _special(a), _special(b)
         with np.errstate(invalid="ignore"):  # inf * 0 is NaN
             s = np.where((sa != 0) | (sb != 0), self._ieee(a) * self._ieee(b), 0.0)
-        return self._special(a.b * b.b, s)
+        return self._special(self._op(operator.mul, a.b, b.b), s)
 
     def div(self, a: Balls, b: Balls) -> Balls:
         if a.s is None and b.s is None:
-            return Balls(_obj(a.b / b.b), None)
+            return Balls(_obj(self._op(operator.truediv, a.b, b.b)), None)
         sa, sb = _special(a), _special(b)
         either = (sa != 0) | (sb != 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             ieee = self._ieee(a) / self._ieee(b)
         # finite / inf is 0 (a ball of 0); inf / finite and NaN keep their IEEE value
         s = np.where(either & ~np.isfinite(ieee), ieee, 0.0)
-        q = np.where(either, self._zero, a.b / np.where(sb != 0, self._one, b.b))
+        divisor = np.where(sb != 0, self._one, b.b)
+        q = np.where(either, self._zero, self._op(operator.truediv, a.b, divisor))
         return self._special(q, s)
 
     def log1p(self, a: Balls) -> Balls:
@@ -224,7 +238,7 @@ class BallArithmetic:
 
     def softcap(self, s: Balls, c: float) -> Balls:
         cap: Any = self._num(np.asarray(c, dtype=np.float64))[()]
-        capped = cap * self._tanhf(s.b / cap)
+        capped = self._op(operator.mul, cap, self._tanhf(self._op(operator.truediv, s.b, cap)))
         if s.s is None:
             return Balls(_obj(capped), None)
         # c tanh(+-inf / c) = +-c exactly; NaN stays NaN
@@ -335,3 +349,39 @@ def _matmul(a: ObjArray, b: ObjArray, zero: Any = _ZERO, rational: bool = False)
 
 def _all_rational(x: ObjArray) -> bool:
     return all(isinstance(e, flint.fmpq) for e in x.flat)
+
+
+def _key(x: Any) -> tuple[str, Any]:
+    """What identifies a number for value numbering: a rational by its value (equal
+    rationals are equal numbers), a ball by its identity (one object, one real number)."""
+    return ("q", x) if isinstance(x, flint.fmpq) else ("o", id(x))
+
+
+def _numbered_2(f: Callable[[Any, Any], Any], memo: dict[tuple[Any, ...], Any]) -> Any:
+    def apply(a: Any, b: Any) -> Any:
+        if f is operator.sub and a is b:
+            return _Q_ZERO
+        key = (f, _key(a), _key(b))
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = (f(a, b), a, b)  # the operands kept: their ids stay theirs
+        return hit[0]
+
+    return np.frompyfunc(apply, 2, 1)
+
+
+def _numbered(
+    a: Any, b: Any, f: Callable[[Any, Any], Any], memo: dict[tuple[Any, ...], Any]
+) -> Any:
+    ufunc = memo.get(("ufunc", f))
+    if ufunc is None:
+        ufunc = memo[("ufunc", f)] = _numbered_2(f, memo)
+    return ufunc(a, b)
+
+
+def _numbered_1(x: Any, f: Callable[[Any], Any], memo: dict[tuple[Any, ...], Any]) -> Any:
+    key = (f, _key(x))
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = (f(x), x)
+    return hit[0]
