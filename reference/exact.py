@@ -326,6 +326,8 @@ def _certified(
         if not any(u.size for u in undecided):
             for record in _RECORDS:
                 record.append((evaluations, bits))
+            if evaluations > 1:
+                return tuple(_trimmed(f, target) for f in finished)
             return tuple(finished)
         if bits >= MAX_BITS and undecided_rule == "midpoint":
             for f, p, u in zip(finished, parts, undecided, strict=True):
@@ -334,7 +336,7 @@ def _certified(
                     f[at] = _midpoint(p[at])
             for record in _RECORDS:
                 record.append((evaluations, bits))
-            return tuple(finished)
+            return tuple(_trimmed(f, target) for f in finished)
         if bits >= MAX_BITS:
             which = next(i for i, u in enumerate(undecided) if u.size)
             at = tuple(int(i) for i in undecided[which][0])
@@ -384,6 +386,22 @@ def _mpf_of_rational(p: int, q: int, target: int) -> Any:
         if _round_mpf_exactly(y) == want or prec > 1 << 16:
             return y
         prec *= 2
+
+
+def _trimmed(a: ObjArray, target: int) -> ObjArray:
+    """The mpf of ``a`` rounded to ``target`` + 64 bits where they carry more (a result of
+    a raised precision) and where that does not change their float64 rounding: the digits
+    promised, without mantissas of thousands of bits."""
+    bits = target + 64
+    out = a.copy()
+    for at in np.ndindex(a.shape):
+        y = a[at]
+        if isinstance(y, mpmath.mpf) and y._mpf_[3] > bits:
+            with mpmath.workprec(bits):
+                short = +y
+            if _round_mpf_exactly(short) == _round_mpf_exactly(y):
+                out[at] = short
+    return out
 
 
 def _midpoint(x: Any) -> Any:

@@ -76,6 +76,9 @@ INPUT_KINDS = ("valid", "special", "layout", "invalid", "hidden", "overflow")
 COUNTS: Counter[tuple[str, str]] = Counter()
 #: invalid calls, by (function, the argument that was bad)
 INVALID_ARGS: Counter[tuple[str, str]] = Counter()
+#: calls of attnspec.exact whose result did not decide its float64 rounding at any
+#: precision (UndecidedRounding, documented): made again with undecided="midpoint"
+UNDECIDED: Counter[str] = Counter()
 
 _NAMESPACE: dict[str, Any] = {
     "np": np,
@@ -211,7 +214,15 @@ def run(call: Call, kind: str, also: tuple[type[Exception], ...] = ()) -> Outcom
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            out.result = fn(*args, **kwargs)
+            try:
+                out.result = fn(*args, **kwargs)
+            except exact.UndecidedRounding:
+                # documented (a value within 2**-16384 of a tie, such as a tie plus
+                # e**-1e6): the checks read the balls' midpoints instead
+                if exact.UndecidedRounding in also or "undecided" in kwargs:
+                    raise
+                UNDECIDED[call.func] += 1
+                out.result = fn(*args, undecided="midpoint", **kwargs)
         except (TypeError, ValueError, *also) as exc:
             out.error = exc
         except Exception as exc:
@@ -989,7 +1000,7 @@ def check_softmax_case(case: SoftmaxCase, label: str | None = None) -> dict[str,
             kw: dict[str, Any] = {"where": where, "dps": case.dps_value}
             if kind == "logsumexp":
                 kw["keepdims"] = case.keepdims_value
-            y_plain = getattr(exact, kind)(x.copy(), case.axis_value, **kw)
+            y_plain = getattr(exact, kind)(x.copy(), case.axis_value, undecided="midpoint", **kw)
             if not mpf_same(y, y_plain).all():
                 raise violation(
                     "exact reads every form",
@@ -1726,6 +1737,7 @@ def check_sdpa_case(case: SdpaCase, label: str | None = None) -> SdpaResults:
         both,
         dps=case.dps_value,
         return_lse=True,
+        undecided="midpoint",
         **case.kwargs(),
     )
     ev = v.shape[-1]

@@ -202,6 +202,7 @@ def run_counts(profile: str = "ci", scale: float = 1.0) -> tuple[str, list[str]]
     module = importlib.import_module("test_fuzz")  # fresh: the decorators read the profile
     fc.COUNTS.clear()
     fc.INVALID_ARGS.clear()
+    fc.UNDECIDED.clear()
     failures = []
     for name in TESTS:
         test = getattr(module, name)
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile {args.profile}, scale {args.scale}: {elapsed:.0f} s\n")
     print(table)
     print(f"\ninvalid arguments tried: {dict(sorted(fc.INVALID_ARGS.items()))}")
+    print(f"\nexact calls undecided at MAX_BITS (read as midpoints): {dict(fc.UNDECIDED)}")
     print(f"\n{len(failures)} failing test(s)")
     for f in failures:
         print("\n---", f[:3000])
