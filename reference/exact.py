@@ -390,17 +390,21 @@ def _mpf_of_rational(p: int, q: int, target: int) -> Any:
 
 def _trimmed(a: ObjArray, target: int) -> ObjArray:
     """The mpf of ``a`` rounded to ``target`` + 64 bits where they carry more (a result of
-    a raised precision) and where that does not change their float64 rounding: the digits
+    a raised precision), in the direction that keeps their float64 rounding: the digits
     promised, without mantissas of thousands of bits."""
     bits = target + 64
     out = a.copy()
     for at in np.ndindex(a.shape):
         y = a[at]
         if isinstance(y, mpmath.mpf) and y._mpf_[3] > bits:
-            with mpmath.workprec(bits):
-                short = +y
-            if _round_mpf_exactly(short) == _round_mpf_exactly(y):
-                out[at] = short
+            # to nearest, else down or up: the exact value lies strictly inside its
+            # float64 rounding interval, so one of the directed roundings stays inside
+            want = _round_mpf_exactly(y)
+            for mode in ("n", "f", "c"):
+                short = _make_mpf(mpmath.libmp.mpf_pos(y._mpf_, bits, mode))
+                if _round_mpf_exactly(short) == want:
+                    out[at] = short
+                    break
     return out
 
 

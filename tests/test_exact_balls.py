@@ -256,3 +256,16 @@ def test_equal_logits_through_a_softcap_give_exactly_equal_weights() -> None:
     # and with a bias added after the softcap, equal on both keys, the same
     out_b = exact.sdpa(q, k, v, softcap=5.0, bias=np.array([0.25, 0.25]))
     assert exact.to_float64(out_b).tolist() == [[0.5]]
+
+
+def test_a_tie_minus_a_tiny_term_decides_and_keeps_its_rounding_in_few_bits() -> None:
+    # found by the fuzzer's thorough run: log_softmax of -9007199254732202 in a slice
+    # whose maximum is 8791 is d - log1p(s) with d = -9007199254740993 (an odd integer
+    # above 2**53: a tie between -...992 and -...994) and log1p(s) about 2e**-8791 > 0:
+    # the value lies just beyond the tie, so it rounds to -9007199254740994. It decides
+    # at a raised precision (about 12700 bits); the mpf returned keeps 50 digits and 64
+    # bits more, rounded in the direction that keeps the float64 rounding
+    x = np.array([0.0, -9007199254732202.0, 8791.0, 0.0])
+    y = exact.log_softmax(x)
+    assert exact.to_float64(y)[1] == -9007199254740994.0
+    assert max(v._mpf_[3] for v in y) <= ref_exact._bits(ref_exact.DEFAULT_DPS) + 64
