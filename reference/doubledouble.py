@@ -40,6 +40,12 @@ subnormal): there ``exp`` rounds each part to the subnormal grid, and the operat
 that need more recompute at scale :math:`2^{600}` (the product in ``div``, the terms of
 ``sum_except``), so that a subnormal softmax carries the rounding of :math:`e^{d_j}`
 (half a subnormal ulp, divided by :math:`1+s'`) and the final rounding: below 1 ulp.
+Such a weight is still off by up to :math:`2^{-1074}` absolute (0 below :math:`2^{-1075}`),
+which a large value multiplies: so where some :math:`d_j < -669`, :meth:`DoubleDouble.weights`
+returns :class:`Weights`, the same numbers carrying those entries at scale :math:`2^{600}` or
+:math:`2^{1200}` as well (:class:`Tiny`), and :meth:`DoubleDouble.matmul` evaluates at scale
+the rows where they matter: attention's output keeps its relative bound for every weight
+that can matter (:math:`p_{ij}|v_{jk}| \ge 2^{-1075}`, :math:`d_j > -1455`).
 
 Performance: rows are evaluated in blocks (``chunk_elements``) whose temporaries come
 from a :class:`Scratch` pool, so that the dozen arrays alive per block are reused rather
@@ -81,6 +87,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import mpmath
@@ -113,6 +120,67 @@ class DD(NamedTuple):
 
     hi: F64
     lo: F64 | None = None
+
+
+class Tiny(NamedTuple):
+    r"""The weights below the double-double range, at scale: what :class:`Weights` carries.
+
+    ``where`` marks the entries :math:`j` with a finite :math:`d_j < -669`
+    (:math:`e^{d_j} < 2^{-965}`), where ``hi + lo`` of the weights cannot hold
+    :math:`p_j` to relative precision (``lo`` subnormal; below :math:`2^{-1022}` ``hi``
+    too; below :math:`2^{-1075}` 0). There ``hi + lo`` of this tuple is the same number
+    :math:`p_j` times :math:`2^{600}`, or times :math:`2^{1200}` where ``deep``
+    (:math:`d_j < -1040`), within :math:`2^{-62}` of it; 0 elsewhere. All four arrays
+    have the shape of the weights' ``hi``.
+    """
+
+    where: npt.NDArray[np.bool_]
+    deep: npt.NDArray[np.bool_]
+    hi: F64
+    lo: F64
+
+
+class Weights(DD):
+    r"""Softmax weights (a :class:`DD`, the same numbers bit for bit) with :attr:`tiny`:
+    the weights below the double-double range at scale (:class:`Tiny`), for
+    :meth:`DoubleDouble.matmul`.
+
+    Only :meth:`DoubleDouble.weights` makes them, and only where some :math:`d_j < -669`;
+    :attr:`tiny` is evaluated when first asked for (the softmax family never asks).
+    :meth:`DoubleDouble.mul` and :meth:`DoubleDouble.div` by a number of moderate size
+    (the dropout factors) and :meth:`DoubleDouble.select` carry it along; every other
+    operation gives a plain :class:`DD`, and so do those where they cannot
+    (:func:`_tiny_times`): then the product sees the weights as they are, each within
+    :math:`2^{-1074}` absolute.
+    """
+
+    _maker: Callable[[], Tiny | None]
+    _tiny: Tiny | None
+
+    @classmethod
+    def of(cls, x: DD, tiny: Tiny | Callable[[], Tiny | None] | None) -> DD:
+        """``x`` with ``tiny`` (or the function that makes it) attached; ``x`` itself for
+        None."""
+        if tiny is None:
+            return x
+        out = cls(x.hi, x.lo)
+        if callable(tiny):
+            out._maker = tiny
+        else:
+            out._tiny = tiny
+        return out
+
+    @property
+    def tiny(self) -> Tiny | None:
+        """The scaled weights, or None where no entry has one."""
+        if "_tiny" not in self.__dict__:
+            self._tiny = self._maker()
+            del self._maker
+        return self._tiny
+
+
+def _tiny_of(x: DD) -> Tiny | None:
+    return x.tiny if isinstance(x, Weights) else None
 
 
 # ---------------------------------------------------------------------------
@@ -251,6 +319,9 @@ with mpmath.workdps(60):
     # 1/k! as double-doubles, k = 0..12, for the precise expm1 series.
     _FACT_HI = [float(1 / mpmath.factorial(k)) for k in range(13)]
     _FACT_LO = [float(1 / mpmath.factorial(k) - mpmath.mpf(f)) for k, f in enumerate(_FACT_HI)]
+    # 600 ln 2 as a double-double (to about 2**-97 absolute): d + 600 ln 2 moves e**d by 2**600.
+    _SHIFT_HI = float(600 * mpmath.ln(2))
+    _SHIFT_LO = float(600 * mpmath.ln(2) - mpmath.mpf(_SHIFT_HI))
 del _T
 
 # The bulk exponential's polynomial: expm1(r) = r + r^2 (1/2 + r/6 + r^2/24 + r^3/120) + O(r^6).
@@ -691,6 +762,203 @@ def _round_small_products(a: DD, r_hi: F64, r_lo: F64, hi: F64, lo: F64) -> None
     lo[sel] = 0.0
 
 
+#: d_j below this (e**d_j < 2**-965): the weight is also carried at scale (:class:`Tiny`).
+#: The same threshold as :func:`_near_underflow`, which gates the search for such entries.
+_TINY_D = -669.0
+#: d_j below this (e**d_j < 2**-1500): at scale 2**1200 rather than 2**600, so that every
+#: scaled weight that can matter (p |v| >= 2**-1075 with |v| < 2**1024: d_j > -1455) is
+#: normal and below 2**-300 (p 2**L |v| cannot overflow).
+_DEEP_D = -1040.0
+#: a factor of mul or div that the scaled weights follow: 0 or of magnitude within
+#: [2**-64, 2**64] (the dropout factors 0, 1 and 1/(1 - p_drop)); others drop them.
+_FACTOR_RANGE = 2.0**64
+
+
+def _tiny_part(d: DD, r_hi: F64, r_lo: F64) -> Tiny | None:
+    r"""The weights :math:`p_j = e^{d_j}(r_{hi} + r_{lo})` of the entries with a finite
+    :math:`d_j < -669` at scale (:class:`Tiny`); None when there is none.
+
+    Only those entries are evaluated. :math:`2^{600} e^{d_j}` by :func:`exp_rows` with
+    ``lift=600`` for :math:`-1040 \le d_j < -669` (values in :math:`[2^{-901},
+    2^{-365}]`); :math:`2^{1200} e^{d_j}` for :math:`d_j < -1040` as :func:`exp_rows`
+    (``lift=600``) of :math:`d_j + 600 \ln 2`, formed by TwoSum with the double-double
+    :math:`600 \ln 2` (an error below :math:`2^{-95}`, relative in the result): values below
+    :math:`2^{-300}`, normal down to :math:`d_j \approx -1455`, below which
+    :math:`p_j |v| < 2^{-1075}` for every float64 :math:`v`; 0 below -1578. The product
+    with the reciprocal as in :meth:`DoubleDouble._times_reciprocal` (26-bit ``hi``:
+    :math:`2^{-77}`), renormalized by Fast2Sum: within :math:`2^{-62}` of
+    :math:`p_j 2^{L}` in all (:func:`exp_rows`' :math:`2^{-62.3}` dominates).
+    """
+    hi = d.hi
+    where = hi < _TINY_D
+    where &= hi > -np.inf  # a hidden key (-inf) has weight exactly 0; NaN fails both tests
+    if not where.any():
+        return None
+    idx = np.nonzero(where)
+    dh = hi[idx]
+    dl = np.broadcast_to(np.asarray(_lo(d), dtype=np.float64), hi.shape)[idx]
+    deep = dh < _DEEP_D
+    if deep.any():
+        sh, se = two_sum(dh, np.full_like(dh, _SHIFT_HI))  # exact
+        se += dl
+        se += _SHIFT_LO
+        dh = np.where(deep, sh, dh)
+        dl = np.where(deep, se, dl)
+    e_hi, e_lo = exp_rows(dh, dl, lift=_LIFT)
+    rh = np.broadcast_to(r_hi, hi.shape)[idx]
+    rl = np.broadcast_to(r_lo, hi.shape)[idx]
+    b1, b2 = split(rh)
+    p, e = fast_two_sum(e_hi * b1, e_hi * (b2 + rl) + e_lo * rh)  # e_hi * b1 exact
+    t_hi = np.zeros(hi.shape)
+    t_lo = np.zeros(hi.shape)
+    t_deep = np.zeros(hi.shape, dtype=np.bool_)
+    t_hi[idx] = p
+    t_lo[idx] = e
+    t_deep[idx] = deep
+    return Tiny(where, t_deep, t_hi, t_lo)
+
+
+def _tiny_times(t: Tiny, f: DD) -> Tiny | None:
+    r"""The scaled weights ``t`` times the double-double ``f`` (broadcasting): TwoProduct
+    of the high parts and the cross terms, renormalized (:func:`dd_mul`'s
+    :math:`5u^2`). None, so that the caller drops them, unless every entry of ``f`` is
+    finite and 0 or within :math:`[2^{-64}, 2^{64}]` in magnitude: then the products stay
+    normal (above :math:`2^{-1000}` for a weight that matters) and far from overflow.
+    """
+    f_hi = np.asarray(f.hi, dtype=np.float64)
+    f_lo = np.asarray(_lo(f), dtype=np.float64)
+    mag = np.abs(f_hi)
+    ok = np.isfinite(f_lo).all() and bool(
+        np.all((mag == 0.0) | ((mag >= 1.0 / _FACTOR_RANGE) & (mag <= _FACTOR_RANGE)))
+    )
+    if not ok:
+        return None
+    p, e = two_prod(t.hi, f_hi)
+    e = e + (t.hi * f_lo + t.lo * f_hi)
+    p, e = fast_two_sum(p, e)
+    shape = p.shape
+    return Tiny(np.broadcast_to(t.where, shape), np.broadcast_to(t.deep, shape), p, e)
+
+
+def _tiny_select(cond: npt.NDArray[np.bool_], a: DD, b: DD, shape: tuple[int, ...]) -> Tiny | None:
+    """The scaled weights of ``select(cond, a, b)``: those of ``a`` where ``cond``, else
+    those of ``b`` (none where the chosen operand has none); None when no entry has any."""
+    ta, tb = _tiny_of(a), _tiny_of(b)
+    if ta is None and tb is None:
+        return None
+    none: tuple[Any, ...] = (False, False, 0.0, 0.0)
+    pa: tuple[Any, ...] = none if ta is None else tuple(ta)
+    pb: tuple[Any, ...] = none if tb is None else tuple(tb)
+    parts = [np.broadcast_to(np.where(cond, x, y), shape) for x, y in zip(pa, pb, strict=True)]
+    if not parts[0].any():
+        return None
+    return Tiny(*parts)
+
+
+def _descale_rounded(hi: F64, lo: F64, lift: int) -> F64:
+    r""":math:`(hi + lo)\, 2^{-lift}` rounded once to float64, for a double-double with
+    :math:`|lo| \le \mathrm{ulp}(hi)/2` and :math:`lift > 0`: the correctly rounded value
+    (as in :func:`_round_small_products`), so that a subnormal result errs by at most
+    :math:`2^{-1075}`. ``ldexp`` rounds ``hi`` to the subnormal grid, the remainder
+    :math:`hi - h\, 2^{lift}` is exact, and it decides, with ``lo``, whether to step one grid
+    spacing (in the normal range :math:`h` is exact and ``lo`` below half a spacing)."""
+    with np.errstate(under="ignore"):
+        h = np.ldexp(hi, -lift)
+        rest = (hi - np.ldexp(h, lift)) + lo
+        grid = np.spacing(np.abs(h))
+        step = np.where(np.abs(rest) > 0.5 * np.ldexp(grid, lift), np.sign(rest) * grid, 0.0)
+        out: F64 = h + step
+    return out
+
+
+#: the keys of weight below 2**-965 are negligible in a row when their values, times
+#: 2**-1074 (what such a weight may have lost), are below 2**-128 of the mass of the others
+#: (2**-64 after a dropout factor up to 2**64), and that mass is at least this (so that the
+#: claim's absolute 2**-1074 is not needed)
+_MASS_FLOOR = 2.0**-1000
+#: rows whose mass without those keys is below this are evaluated at scale 2**600
+#: (every product then stays below 2**1001)
+_MASS_CEILING = 2.0**400
+
+
+def _redo_rows_at_scale(ph: F64, pl: F64, t: Tiny, v: F64, hi: F64, lo: F64) -> None:
+    r"""Overwrite the outputs ``hi, lo`` (``(p_hi + p_lo) @ v`` by
+    :func:`~attnspec.reference.matmul.dot_dd`) of the rows where weights below the
+    double-double range matter, with the product evaluated at scale (``t``).
+
+    A row is left as it is when, in every column :math:`k`, the values at its keys in
+    ``t.where`` are 0, or when :math:`2^{-1074}\sum_{j \in \mathrm{tiny}} |v_{jk}|
+    \le 2^{-128} B_k` and :math:`B_k \ge 2^{-1000}`, with
+    :math:`B_k = \sum_{j \notin \mathrm{tiny}} |p_{ij}||v_{jk}|` (both by BLAS in float64;
+    the margins cover their roundings): each of those weights is within
+    :math:`u p_{ij}/2 + 2^{-1074}` of its value (float64 roundings of :math:`e^{d_j}` and of
+    the product), times the factors of :meth:`mul` and :meth:`div` (up to :math:`2^{64}`:
+    dropout's :math:`1/(1 - p_{drop})`, which scales :math:`B_k` alike) and one more
+    rounding of :meth:`div`, so the absolute parts cost less than :math:`2^{-63}` of the
+    mass, and the mass is far above the absolute term of the claim. (The pinned
+    ``underflow-weights`` case is such a row: its bits stay.) Otherwise, when
+    :math:`B_k < 2^{400}` in every column (above, the first test holds for any
+    :math:`S < 2^{320}`), the row is evaluated as
+
+    .. math::
+
+        o_{ik} = 2^{-600}\Bigl(\sum_{j \notin \mathrm{tiny}} (2^{600} p_{ij}) v_{jk}
+            + \sum_{\mathrm{tiny},\ \mathrm{not\ deep}} (2^{600} p_{ij}) v_{jk}
+            + 2^{-600} \sum_{\mathrm{deep}} (2^{1200} p_{ij}) v_{jk}\Bigr):
+
+    the first two sums in one :func:`dot_dd` (the other weights scaled exactly; no term
+    above :math:`2^{1001}`), the third in another (scaled weights below :math:`2^{-300}`,
+    so below :math:`2^{724}` times any value), scaled down (a rounding below
+    :math:`2^{-1075}` at scale :math:`2^{600}`, that is :math:`2^{-1675}`), added by
+    :func:`dd_add` and rounded once to float64 by :func:`_descale_rounded` (``lo = 0``).
+    Each product is within :math:`2^{-56}` of its mass plus :math:`2^{-1074}` at its scale,
+    so the output is within :math:`(2^{-53} + 2^{-56} + 2^{-100})\sum_j |p_{ij}||v_{jk}|
+    + 2^{-1075}` of the product of the weights, and those are within :math:`2^{-62}` of
+    :math:`p_{ij}` at the tiny keys.
+    """
+    from attnspec.reference.matmul import dot_dd
+
+    batch = hi.shape[:-2]
+    n_q, n_k = ph.shape[-2:]
+    full = (*batch, n_q, n_k)
+    b_ph, b_pl = np.broadcast_to(ph, full), np.broadcast_to(pl, full)
+    b_where, b_deep = np.broadcast_to(t.where, full), np.broadcast_to(t.deep, full)
+    b_th, b_tl = np.broadcast_to(t.hi, full), np.broadcast_to(t.lo, full)
+    b_v = np.broadcast_to(v, (*batch, n_k, v.shape[-1]))
+    for idx in np.ndindex(batch):
+        rows = np.flatnonzero(b_where[idx].any(axis=1))
+        if not rows.size:
+            continue
+        w = b_where[idx][rows]
+        x_hi, x_lo = b_ph[idx][rows], b_pl[idx][rows]
+        v2 = b_v[idx]
+        av = np.abs(v2)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf bounds decide alike
+            mass = np.abs(np.where(w, 0.0, x_hi)) @ av
+            tail = w.astype(np.float64) @ av
+            fine = (tail == 0.0) | ((tail <= 2.0**946 * mass) & (mass >= _MASS_FLOOR))
+        redo = ~fine.all(axis=1) & (np.max(mass, axis=1, initial=0.0) < _MASS_CEILING)
+        if not redo.any():
+            continue
+        rows, w = rows[redo], w[redo]
+        x_hi, x_lo = x_hi[redo], x_lo[redo]
+        deep = b_deep[idx][rows] & w
+        th, tl = b_th[idx][rows], b_tl[idx][rows]
+        shallow = w & ~deep
+        s_hi = np.where(shallow, th, np.where(w, 0.0, np.ldexp(x_hi, _LIFT)))
+        s_lo = np.where(shallow, tl, np.where(w, 0.0, np.ldexp(x_lo, _LIFT)))
+        h, e = dot_dd(s_hi, s_lo, v2)
+        if deep.any():
+            h2, e2 = dot_dd(np.where(deep, th, 0.0), np.where(deep, tl, 0.0), v2)
+            with np.errstate(under="ignore"):  # below 2**-1074 at scale 2**600: negligible
+                far = DD(np.ldexp(h2, -_LIFT), np.ldexp(e2, -_LIFT))
+            both = dd_add(DD(h, e), far)
+            h, e = both.hi, np.asarray(_lo(both), dtype=np.float64)
+        out_hi, out_lo = hi[idx], lo[idx]
+        out_hi[rows] = _descale_rounded(h, e, _LIFT)
+        out_lo[rows] = 0.0
+
+
 class DoubleDouble:
     """Double-double numbers (:class:`DD`): results within one ulp of the exact value.
 
@@ -724,8 +992,17 @@ class DoubleDouble:
     def div(self, a: DD, b: DD) -> DD:
         r"""``a / b`` as ``a * (1/b)`` (:func:`_reciprocal`).
 
-        The product with ``a`` (:func:`dd_mul`) adds about :math:`5u^2`.
+        The product with ``a`` (:func:`dd_mul`) adds about :math:`5u^2`. Weights
+        (:class:`Weights`) divided by a number of moderate size (:func:`_tiny_times`:
+        the dropout factor :math:`1 - p_{drop}`) keep their scaled part, divided alike.
         """
+        out = self._div(a, b)
+        tiny = _tiny_of(a)
+        if tiny is None or _tiny_of(b) is not None:
+            return out
+        return Weights.of(out, _tiny_times(tiny, DD(*_reciprocal(b))))
+
+    def _div(self, a: DD, b: DD) -> DD:
         r_hi, r_lo = _reciprocal(b)
         # a * (r_hi + r_lo): TwoProduct of the high parts (Dekker, written out to reuse
         # scratch arrays), the cross terms in float64; not renormalized (result() rounds
@@ -784,7 +1061,21 @@ class DoubleDouble:
         bound, about :math:`5u^2` relative). Where the error term is not finite (inf or
         NaN operands, :math:`|a|` or :math:`|b| \ge 2^{995}`) the plain float64 product is
         kept with ``lo = 0``; inf * 0 = NaN is the IEEE answer the definition relies on.
+
+        Weights (:class:`Weights`) times a number of moderate size (:func:`_tiny_times`:
+        the dropout keep-mask) keep their scaled part, multiplied alike; the product of
+        two such operands has none.
         """
+        out = self._mul(a, b)
+        ta, tb = _tiny_of(a), _tiny_of(b)
+        if (ta is None) == (tb is None):
+            return out
+        if ta is not None:
+            return Weights.of(out, _tiny_times(ta, b))
+        assert tb is not None
+        return Weights.of(out, _tiny_times(tb, a))
+
+    def _mul(self, a: DD, b: DD) -> DD:
         scaled = _times_power_of_two(a, b)
         if scaled is not None:
             return scaled
@@ -870,18 +1161,30 @@ class DoubleDouble:
         matrix (:func:`attnspec.reference.matmul.dot_dd`), each as a double-double.
 
         ``dot_dd`` is within :math:`2^{-56} \sum_j |a_{ij}| |b_{jk}| + 2^{-1074}` of the
-        product of the numbers it is given, whatever ``b`` holds where ``a`` is 0. What
-        it cannot restore is what ``a`` lost before: a weight of :meth:`weights` below
-        :math:`2^{-1022}` is a subnormal float64, off by up to :math:`2^{-1075}`, and
-        that error times :math:`|b_{jk}|` can exceed any relative bound of the output
-        (``tests/test_accurate_output_bound.py``, the strict xfail).
+        product of the numbers it is given, whatever ``b`` holds where ``a`` is 0. It
+        cannot restore what ``a`` lost before: a weight below :math:`2^{-969}` is held
+        only to :math:`2^{-1074}` absolute (below :math:`2^{-1022}` it is a subnormal
+        float64, below :math:`2^{-1075}` 0), and that error times a large
+        :math:`|b_{jk}|` can exceed any relative bound of the output. So weights of
+        :meth:`weights` (:class:`Weights`) that carry such entries at scale are, in the
+        rows where those entries can matter, multiplied at scale
+        (:func:`_redo_rows_at_scale`): each output then within
+        :math:`(2^{-53} + 2^{-56} + 2^{-62}) \sum_j p_{ij}|b_{jk}| + 2^{-1075}` of
+        :math:`\sum_j p_{ij} b_{jk}` for the weights :math:`p` as the double-doubles hold
+        them at the other keys. The other rows, and every row of a product without such
+        entries, are ``dot_dd``'s, bit for bit.
         """
         from attnspec.reference.matmul import dot_dd, dot_exact
 
         if a.lo is None and b.lo is None:
             return DD(*dot_exact(a.hi, b.hi))
         if b.lo is None:
-            return DD(*dot_dd(a.hi, np.broadcast_to(_lo(a), a.hi.shape), b.hi))
+            p_lo = np.broadcast_to(_lo(a), a.hi.shape)
+            hi, lo = dot_dd(a.hi, p_lo, b.hi)
+            tiny = _tiny_of(a)
+            if tiny is not None and bool(np.isfinite(b.hi).all()):
+                _redo_rows_at_scale(a.hi, p_lo, tiny, b.hi, hi, lo)
+            return DD(hi, lo)
         raise NotImplementedError(
             "DoubleDouble.matmul: both operands carry low parts (shapes "
             f"{a.hi.shape} and {b.hi.shape}); only float64 @ float64 and "
@@ -896,10 +1199,17 @@ class DoubleDouble:
         return DD(hi, lo)
 
     def select(self, cond: npt.NDArray[np.bool_], a: DD, b: DD) -> DD:
+        """``a`` where ``cond``, else ``b``; the scaled part of :class:`Weights` operands
+        is selected alike (:func:`_tiny_select`: none where the chosen one has none, as at
+        the special rows of the softmax, whose weights are 0, 1/|I| or NaN)."""
         hi = np.where(cond, a.hi, b.hi)
         if a.lo is None and b.lo is None:
-            return DD(hi, None)
-        return DD(hi, np.where(cond, _lo(a), _lo(b)))
+            out = DD(hi, None)
+        else:
+            out = DD(hi, np.where(cond, _lo(a), _lo(b)))
+        if isinstance(a, Weights) or isinstance(b, Weights):
+            return Weights.of(out, _tiny_select(cond, a, b, hi.shape))
+        return out
 
     def approx(self, a: DD) -> F64:
         return self.result(a)
@@ -921,12 +1231,25 @@ class DoubleDouble:
         :meth:`_sum_others`, :math:`1 + s'` by :func:`dd_add_sloppy` (exact high part:
         TwoSum), its reciprocal by :func:`_reciprocal`, and the product by
         :meth:`_times_reciprocal` (four passes, exact high product).
+
+        Where some :math:`d_j < -669` (:func:`_near_underflow`; hidden keys, -inf,
+        included) the weights are :class:`Weights`: the same numbers, bit for bit, whose
+        entries with a finite :math:`d_j < -669` (:math:`e^{d_j} < 2^{-965}`, below the
+        double-double range: ``lo`` subnormal, from :math:`2^{-1022}` down ``hi`` too) are
+        also carried at scale :math:`2^{600}` or :math:`2^{1200}` (:func:`_tiny_part`,
+        within :math:`2^{-62}`), for :meth:`matmul`. That part is evaluated when first
+        asked for (by :meth:`matmul`, :meth:`mul`, :meth:`div` or :meth:`select`): the
+        softmax family never pays for it, and other rows nothing at all.
         """
         e = self.exp(d)
         s = self._sum_others(e, d, k)
         one = DD(np.ones((1,) * e.hi.ndim), None)
         r_hi, r_lo = _reciprocal(dd_add_sloppy(one, s, self._scratch))
-        return self._times_reciprocal(e, r_hi, r_lo, _near_underflow(d)), s
+        near = _near_underflow(d)
+        p = self._times_reciprocal(e, r_hi, r_lo, near)
+        if near:
+            p = Weights.of(p, lambda: _tiny_part(d, r_hi, r_lo))
+        return p, s
 
     def lse(self, a: DD, d: DD, k: npt.NDArray[np.intp], s: DD) -> DD:
         r""":math:`a + \log(1 + s')` (:meth:`log1p`, :func:`dd_add_sloppy`); rows where the

@@ -183,8 +183,11 @@ This stronger bound was chosen over :math:`4u \sum_j p_{ij} |v_{jk}| + 2^{-60}
 \max_j|v_{jk}|` because the certificate is cheap (row sums and column maxima, no
 extra BLAS call unless an output nearly cancels) and the exact recomputation touches
 only the rows of such traps. (It bounds the error of the product of the weights it is
-given: a weight below :math:`2^{-1022}` is a subnormal float64 and carries an absolute
-error of its own, which no product can undo.)
+given: a weight below :math:`2^{-969}` carries an absolute error of its own, up to
+:math:`2^{-1074}` (below :math:`2^{-1022}` it is a subnormal float64), which no product of
+those numbers can undo. :meth:`attnspec.reference.doubledouble.DoubleDouble.matmul` therefore
+takes such weights at scale :math:`2^{600}` or :math:`2^{1200}` and calls this function on
+the scaled weights, for the rows where they matter.)
 
 **Memory.** Rows are processed in blocks: the workspace is a few arrays of
 (block, S) for :func:`dot_exact` and (block, 2S) for :func:`dot_dd`, besides the

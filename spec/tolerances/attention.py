@@ -376,10 +376,10 @@ def accurate_sdpa_bound(weighted: Any, max_abs_v: Any = 0.0, floor: float = 0.0)
     to :math:`\eta / 2`, which no relative bound covers. A nonzero ``floor`` states the
     weaker form :math:`+ 2^{-60} \max_j |v_{jk}|` should a product only guarantee that.
 
-    Known limit: a weight below :math:`2^{-1022}` is a subnormal float64, which a
-    double-double holds only to :math:`2^{-1075}` absolute, so :math:`p_{ij}|v_{jk}|`
-    with a large :math:`|v_{jk}|` can miss the relative claim (the strict xfail in
-    tests/test_accurate_output_bound.py says what keeping those bits would take).
+    Tiny weights times large values are included: a weight below :math:`2^{-969}` (a
+    double-double cannot hold it to relative precision) is also carried at scale
+    :math:`2^{600}` or :math:`2^{1200}` into the product :math:`PV`
+    (:class:`attnspec.reference.doubledouble.Weights`; tests/test_accurate_output_bound.py).
     """
     w = np.asarray(weighted, dtype=np.float64)
     if not floor:  # no floor term: 0 * max|v| would be NaN where a value is infinite
