@@ -73,22 +73,21 @@ def _q_of_float(x: float) -> Any:
     return flint.fmpq(*float(x).as_integer_ratio())
 
 
-def _q_exp(x: Any) -> Any:
-    if isinstance(x, flint.fmpq):
-        return _Q_ONE if x == 0 else flint.arb(x).exp()
-    return x.exp()
+def _rational_at_zero(f: Callable[[Any], Any], at_zero: Any) -> Callable[[Any], Any]:
+    """``f`` (a method of arb) of a rational or a ball: the rational ``at_zero`` for the
+    rational 0 (e**0 = 1, log1p(0) = tanh(0) = 0), else the ball."""
+
+    def apply(x: Any) -> Any:
+        if isinstance(x, flint.fmpq):
+            return at_zero if x == 0 else f(flint.arb(x))
+        return f(x)
+
+    return apply
 
 
-def _q_log1p(x: Any) -> Any:
-    if isinstance(x, flint.fmpq):
-        return _Q_ZERO if x == 0 else flint.arb(x).log1p()
-    return x.log1p()
-
-
-def _q_tanh(x: Any) -> Any:
-    if isinstance(x, flint.fmpq):
-        return _Q_ZERO if x == 0 else flint.arb(x).tanh()
-    return x.tanh()
+_q_exp = _rational_at_zero(flint.arb.exp, _Q_ONE)
+_q_log1p = _rational_at_zero(flint.arb.log1p, _Q_ZERO)
+_q_tanh = _rational_at_zero(flint.arb.tanh, _Q_ZERO)
 
 
 def _q_sign(x: Any) -> float:

@@ -751,14 +751,7 @@ def _round_small_products(a: DD, r_hi: F64, r_lo: F64, hi: F64, lo: F64) -> None
     p, e = two_prod(a_s, rh)
     e += a_s * rl + al_s * rh
     p, e = fast_two_sum(p, e)  # |e| <= ulp(p)/2: the rounding below moves p at most one step
-    # ldexp rounds to the subnormal grid; underflow to 0 is a correct rounding.
-    with np.errstate(under="ignore"):
-        h = np.ldexp(p, -_LIFT)
-        rest = (p - np.ldexp(h, _LIFT)) + e  # p - h * 2**600 is exact
-        grid = np.spacing(np.abs(h))  # the spacing at h (2**-1074 when subnormal)
-        step = np.where(np.abs(rest) > 0.5 * np.ldexp(grid, _LIFT), np.sign(rest) * grid, 0.0)
-        h = h + step
-    hi[sel] = h
+    hi[sel] = _descale_rounded(p, e, _LIFT)
     lo[sel] = 0.0
 
 

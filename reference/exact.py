@@ -85,8 +85,8 @@ BACKENDS = ("arb", "mpmath")
 #: what ``undecided=`` accepts: raise UndecidedRounding, or return the ball's midpoint
 UNDECIDED = ("raise", "midpoint")
 #: the largest working precision (bits) the ball evaluation may reach; past it,
-#: UndecidedRounding (a result that is exactly a tie between two float64, reached
-#: through an inexact operation such as a weight of 1/3, never decides)
+#: UndecidedRounding (a value that lies within about 2**-MAX_BITS of a rounding boundary
+#: without being rational, such as a tie plus e**-1e6, never decides)
 MAX_BITS = 1 << 14
 #: bits of working precision beyond the dps asked for, at the first evaluation
 GUARD_BITS = 32
@@ -98,16 +98,10 @@ def _check_dps(dps: object) -> int:
     return int(dps)
 
 
-def _check_undecided(undecided: object) -> str:
-    if not isinstance(undecided, str) or undecided not in UNDECIDED:
-        raise ValueError(f"undecided must be one of {UNDECIDED!r}, got {undecided!r}")
-    return undecided
-
-
-def _check_backend(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS!r}, got {backend!r}")
-    return backend
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices!r}, got {value!r}")
+    return value
 
 
 def _run(
@@ -121,8 +115,8 @@ def _run(
     undecided: object = "raise",
 ) -> ObjArray:
     digits = _check_dps(dps)
-    rule = _check_undecided(undecided)
-    if _check_backend(backend) == "mpmath":
+    rule = _check_choice("undecided", undecided, UNDECIDED)
+    if _check_choice("backend", backend, BACKENDS) == "mpmath":
         with mpmath.workdps(digits):
             out = _evaluate(kind, x, axis, where, None, keepdims, arith=Exact())
             # Special rows hold float64 values (0, -inf, nan); make every entry an mpf.
@@ -210,8 +204,8 @@ def sdpa(
 
     opts = SdpaOptions.from_kwargs(options)
     digits = _check_dps(dps)
-    rule = _check_undecided(undecided)
-    if _check_backend(backend) == "mpmath":
+    rule = _check_choice("undecided", undecided, UNDECIDED)
+    if _check_choice("backend", backend, BACKENDS) == "mpmath":
         with mpmath.workdps(digits + _logit_digits(q, k, opts)):
             res = evaluate(Exact(), q, k, v, opts)
             if opts.return_lse:
@@ -332,8 +326,8 @@ def _certified(
         if bits >= MAX_BITS and undecided_rule == "midpoint":
             for f, p, u in zip(finished, parts, undecided, strict=True):
                 p = np.asarray(p, dtype=object)
-                for at in map(tuple, u):
-                    f[at] = _midpoint(p[at])
+                for at in map(tuple, u):  # balls: rationals and floats always decide
+                    f[at] = _mpf_of_ball_mid(p[at])
             for record in _RECORDS:
                 record.append((evaluations, bits))
             return tuple(_trimmed(f, target) for f in finished)
@@ -364,10 +358,8 @@ def _finish(x: Any, target: int) -> Any:
         return mpmath.mpf(x)
     if type(x).__name__ == "fmpq":
         return _mpf_of_rational(int(x.p), int(x.q), target)
-    if x.rel_accuracy_bits() >= target:
-        if not _rounds_quickly(x, target) and round_ball(x) is None:
-            return None
-    elif not x.rad() <= _tiny(target) or round_ball(x) is None:
+    digits_held = x.rel_accuracy_bits() >= target or x.rad() <= _tiny(target)
+    if not digits_held or round_ball(x) is None:
         return None
     return _mpf_of_ball_mid(x)
 
@@ -378,14 +370,22 @@ def _mpf_of_rational(p: int, q: int, target: int) -> Any:
     not dyadic is never a tie, but may lie close to one)."""
     if q & (q - 1) == 0:  # dyadic: exactly p * 2**-log2(q)
         return _make_mpf(mpmath.libmp.from_man_exp(p, 1 - q.bit_length()))
-    want = nearest_fraction(p, q)
-    prec = target + 64
-    while True:
-        with mpmath.workprec(prec):
-            y = mpmath.mpf(p) / q
-        if _round_mpf_exactly(y) == want or prec > 1 << 16:
+    bits = target + 64
+    return _rounded_keeping(
+        lambda mode: mpmath.libmp.from_rational(p, q, bits, mode), nearest_fraction(p, q)
+    )
+
+
+def _rounded_keeping(round_to: Callable[[str], Any], want: float) -> Any:
+    """The first of the value rounded to nearest, down and up (``round_to(mode)``, an
+    mpmath raw number) that still rounds to the float64 ``want``: the exact value lies
+    strictly inside the float64 interval of ``want`` (or is its midpoint, exactly), and
+    a few bits beyond float64 apart, so one of the directed roundings stays inside."""
+    for mode in ("n", "f", "c"):
+        y = _make_mpf(round_to(mode))
+        if _round_mpf_exactly(y) == want:
             return y
-        prec *= 2
+    raise AssertionError(f"no rounding of the value keeps its float64 rounding {want!r}")
 
 
 def _trimmed(a: ObjArray, target: int) -> ObjArray:
@@ -397,57 +397,21 @@ def _trimmed(a: ObjArray, target: int) -> ObjArray:
     for at in np.ndindex(a.shape):
         y = a[at]
         if isinstance(y, mpmath.mpf) and y._mpf_[3] > bits:
-            # to nearest, else down or up: the exact value lies strictly inside its
-            # float64 rounding interval, so one of the directed roundings stays inside
-            want = _round_mpf_exactly(y)
-            for mode in ("n", "f", "c"):
-                short = _make_mpf(mpmath.libmp.mpf_pos(y._mpf_, bits, mode))
-                if _round_mpf_exactly(short) == want:
-                    out[at] = short
-                    break
+            round_to = functools.partial(mpmath.libmp.mpf_pos, y._mpf_, bits)
+            out[at] = _rounded_keeping(round_to, _round_mpf_exactly(y))
     return out
-
-
-def _midpoint(x: Any) -> Any:
-    """The midpoint of a ball (or a rational) as an mpf, undecided or not."""
-    if type(x).__name__ == "fmpq":
-        with mpmath.workprec(MAX_BITS):
-            return mpmath.mpf(int(x.p)) / int(x.q)
-    if isinstance(x, float):
-        return mpmath.mpf(x)
-    man, exp = x.mid().man_exp()
-    return _make_mpf(mpmath.libmp.from_man_exp(int(man), int(exp)))
-
-
-def _rounds_quickly(x: Any, target: int) -> bool:
-    r"""A sufficient test, in float64, that the ball ``x`` of relative radius at most
-    :math:`2^{-t}` (``target``, t >= 60) rounds to ``float(x)``, a normal float64 f:
-    the residual :math:`r = m - f` of the midpoint is computed as a ball and rounded
-    (relative error at most :math:`2^{-52}`), so every point lies within
-    :math:`|\mathrm{fl}(r)|(1 + 2^{-50}) + 2^{2-t}|f|` of f, which must stay below
-    half the smaller gap to f's neighbours. False when unsure (round_ball decides)."""
-    f = float(x)
-    a = abs(f)
-    if not 2.0**-1021 <= a <= 2.0**1022:
-        return False
-    gap = math.ulp(f)
-    if a == 2.0 ** math.frexp(a)[1] / 2:  # a power of two: the gap below is half
-        gap /= 2
-    r = abs(float(x - f))
-    return r * (1 + 2.0**-50) + 2.0 ** (2 - target) * a < gap / 2
 
 
 _finish_each = np.frompyfunc(_finish, 2, 1)
 
 
 def _finish_all(a: ObjArray, target: int) -> ObjArray:
-    """:func:`_finish` of every entry; the test of :func:`_rounds_quickly` is made for all
-    entries at once where every entry is a ball (then only the conversion to mpf, and
-    :func:`_finish` for the entries the quick test does not settle, go one by one)."""
+    """:func:`_finish` of every entry, where the balls that :func:`_rounds_quickly` settles
+    (most) go straight to their conversion to mpf."""
     with np.errstate(invalid="ignore"):  # NaN entries: numpy reports them, quietly
-        quick = _rounds_quickly_all(a, target)
-        if quick is None:
-            return np.asarray(_finish_each(a, target), dtype=object).reshape(a.shape)
+        balls = np.asarray(_is_ball(a), dtype=bool).reshape(a.shape)
+        quick = np.zeros(a.shape, dtype=bool)
+        quick[balls] = _rounds_quickly(a[balls], target)
         out = np.empty(a.shape, dtype=object)
         out[quick] = _mpf_of_balls(a[quick])
         slow = ~quick
@@ -456,16 +420,17 @@ def _finish_all(a: ObjArray, target: int) -> ObjArray:
         return out
 
 
-def _rounds_quickly_all(a: ObjArray, target: int) -> npt.NDArray[np.bool_] | None:
-    """:func:`_rounds_quickly` and the relative radius test of every entry of ``a`` at
-    once (numpy's loops call the balls' own methods: no Python frame per entry); None if
-    some entry is not a ball."""
+def _rounds_quickly(a: ObjArray, target: int) -> npt.NDArray[np.bool_]:
+    r"""A sufficient test, in float64, for a 1-D array of balls at once (numpy's loops
+    call the balls' own methods: no Python frame per entry), that each holds ``target``
+    bits (relative) and rounds to ``float(x)``, a normal float64 f: the residual
+    :math:`r = m - f` of the midpoint is computed as a ball and rounded (relative error at
+    most :math:`2^{-52}`), so every point lies within :math:`|\mathrm{fl}(r)|(1 + 2^{-50})
+    + 2^{2-t}|f|` of f, which must stay below half the smaller gap to f's neighbours.
+    False where unsure (:func:`round_ball` decides there)."""
     if a.size == 0:
         return np.zeros(a.shape, dtype=bool)
-    try:
-        rel = np.asarray(_rel_bits(a), dtype=np.int64).reshape(a.shape)
-    except AttributeError:  # floats (special values) or rationals among the entries
-        return None
+    rel = np.asarray(_rel_bits(a), dtype=np.int64).reshape(a.shape)
     with np.errstate(over="ignore"):
         f = np.asarray(_as_float(a), dtype=np.float64).reshape(a.shape)
         r = np.abs(np.asarray(_as_float(a - f), dtype=np.float64).reshape(a.shape))
@@ -478,6 +443,7 @@ def _rounds_quickly_all(a: ObjArray, target: int) -> npt.NDArray[np.bool_] | Non
     return normal & (rel >= target) & ok
 
 
+_is_ball = np.frompyfunc(lambda x: type(x).__name__ == "arb", 1, 1)
 _rel_bits = np.frompyfunc(lambda b: b.rel_accuracy_bits(), 1, 1)
 _as_float = np.frompyfunc(float, 1, 1)
 

@@ -252,9 +252,10 @@ def normalise(
         # positive d_j whose exponential overflows. The shifted logits are exact enough
         # to order: take the largest of them. (Plain float64 holds its logits as they
         # are rounded: its maximum is the maximum.)
-        ahead = np.any(arith.approx(d) > 0, axis=-1)
+        shifted = arith.approx(d)
+        ahead = np.any(shifted > 0, axis=-1)
         if ahead.any():
-            k = np.where(ahead, np.argmax(arith.approx(d), axis=-1), k)
+            k = np.where(ahead, np.argmax(shifted, axis=-1), k)
             a = arith.take(logits, k)
             d = arith.sub(logits, a)
     out: dict[str, Any] = {}

@@ -199,11 +199,12 @@ def _arrays(result: Any) -> list[np.ndarray]:
     return [result] if isinstance(result, np.ndarray) else []
 
 
-def run(call: Call, kind: str, also: tuple[type[Exception], ...] = ()) -> Outcome:
+def run(call: Call, kind: str) -> Outcome:
     """Make ``call`` (its arguments built fresh), counted under ``kind``, and check (c) and
     (d): no argument modified, no result sharing memory with one, no warning escaping;
-    any exception but a TypeError or ValueError (or one of ``also``, recorded like them)
-    is a violation too."""
+    any exception but a TypeError or ValueError is a violation too. An exact call that
+    raises UndecidedRounding (documented) is made again with undecided="midpoint" and
+    counted in UNDECIDED."""
     fn = FUNCTIONS[call.func]
     args = [build(c) for c in call.args]
     kwargs = {k: build(c) for k, c in call.kwargs}
@@ -219,11 +220,11 @@ def run(call: Call, kind: str, also: tuple[type[Exception], ...] = ()) -> Outcom
             except exact.UndecidedRounding:
                 # documented (a value within 2**-16384 of a tie, such as a tie plus
                 # e**-1e6): the checks read the balls' midpoints instead
-                if exact.UndecidedRounding in also or "undecided" in kwargs:
+                if "undecided" in kwargs:
                     raise
                 UNDECIDED[call.func] += 1
                 out.result = fn(*args, undecided="midpoint", **kwargs)
-        except (TypeError, ValueError, *also) as exc:
+        except (TypeError, ValueError) as exc:
             out.error = exc
         except Exception as exc:
             raise violation(
@@ -1723,6 +1724,36 @@ class SdpaResults:
     weighted: F64  # sum_j p_ij |v_jk|, exact, rounded to float64
 
 
+def _exact_on_plain_values(
+    case: SdpaCase, ecall: Call, y: Any, y_lse: Any, dps: int, kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """exact.sdpa on the case's plain values (C-contiguous float64), with |v| beside v;
+    a violation unless its output and lse are the values ``y``, ``y_lse`` of the drawn
+    call. Returns the exact sums sum_j p_ij |v_jk| and the lse."""
+    v = case.v.value
+    with np.errstate(invalid="ignore"):
+        both = np.concatenate([v, np.abs(v)], axis=-1)
+    yc, ylc = exact.sdpa(
+        case.q.value.copy(),
+        case.k.value.copy(),
+        both,
+        dps=dps,
+        return_lse=True,
+        undecided="midpoint",
+        **kwargs,
+    )
+    ev = v.shape[-1]
+    if not mpf_same(y, yc[..., :ev]).all() or (
+        y_lse is not None and not mpf_same(y_lse, ylc).all()
+    ):
+        raise violation(
+            "exact reads every form",
+            ecall,
+            "differs from the call on the same values as C-contiguous float64 arrays",
+        )
+    return yc[..., ev:], ylc
+
+
 def check_sdpa_case(case: SdpaCase, label: str | None = None) -> SdpaResults:
     """(a), (c), (d) for sdpa and exact.sdpa on ``case``."""
     if case.label == "overflow":
@@ -1746,29 +1777,8 @@ def check_sdpa_case(case: SdpaCase, label: str | None = None) -> SdpaResults:
     check_exact_result(ecall, y, out_shape)
     if y_lse is not None:
         check_exact_result(ecall, y_lse, lse_shape)
-    # the same on the plain values, with |v| beside v: the exact sum_j p_ij |v_jk|
-    v = case.v.value
-    with np.errstate(invalid="ignore"):
-        both = np.concatenate([v, np.abs(v)], axis=-1)
-    yc, ylc = exact.sdpa(
-        case.q.value.copy(),
-        case.k.value.copy(),
-        both,
-        dps=case.dps_value,
-        return_lse=True,
-        undecided="midpoint",
-        **case.kwargs(),
-    )
-    ev = v.shape[-1]
-    if not mpf_same(y, yc[..., :ev]).all() or (
-        y_lse is not None and not mpf_same(y_lse, ylc).all()
-    ):
-        raise violation(
-            "exact reads every form",
-            ecall,
-            "differs from the call on the same values as C-contiguous float64 arrays",
-        )
-    w = exact.to_float64(yc[..., ev:])
+    mass, ylc = _exact_on_plain_values(case, ecall, y, y_lse, case.dps_value, case.kwargs())
+    w = exact.to_float64(mass)
     out_allowed, lse_allowed = sdpa_allowed(case, w)
     p = case.precision_value
     compare(f"{p} bound", call, "output", out, y, out_allowed, case.dps_value)
@@ -1933,38 +1943,15 @@ def check_sdpa_overflow(case: SdpaCase) -> None:
     # A result within 2^-MAX_BITS of a float64 rounding boundary cannot decide its
     # rounding at any precision (an lse that is a tie between two float64 plus
     # e^-1e308, from a logit of -1e308 beside finite ones): exact raises
-    # UndecidedRounding, as documented, and undecided="midpoint" gives the ball's
-    # midpoint. The checks below are on the mpf values, not on their roundings.
+    # UndecidedRounding, as documented, and run() reads it with undecided="midpoint".
+    # The checks below are on the mpf values, not on their roundings.
     ecall = case.call(exact_fn=True)
-    eout = run(ecall, "overflow", also=(exact.UndecidedRounding,))
-    if isinstance(eout.error, exact.UndecidedRounding):
-        ecall = ecall.with_kwargs(undecided="'midpoint'")
-        eout = run(ecall, "overflow")
-    yres = eout.value()
+    yres = run(ecall, "overflow").value()
     y, y_lse = yres if case.rl else (yres, None)
     check_exact_result(ecall, y, out_shape)
     if y_lse is not None:
         check_exact_result(ecall, y_lse, lse_shape)
-    v = case.v.value
-    both = np.concatenate([v, np.abs(v)], axis=-1)
-    yc, ylc = exact.sdpa(
-        case.q.value.copy(),
-        case.k.value.copy(),
-        both,
-        dps=dps,
-        return_lse=True,
-        undecided="midpoint",
-        **kw,
-    )
-    ev = v.shape[-1]
-    if not mpf_same(y, yc[..., :ev]).all() or (
-        y_lse is not None and not mpf_same(y_lse, ylc).all()
-    ):
-        raise violation(
-            "exact reads every form",
-            ecall,
-            "differs from the call on the same values as C-contiguous float64 arrays",
-        )
+    mass, ylc = _exact_on_plain_values(case, ecall, y, y_lse, dps, kw)
     _check_exact_overflow(case, ecall, m, lm, y, ylc, dps)
 
     # attnspec.sdpa, in both arithmetics (the drawn precision form, and the other one)
@@ -2011,7 +1998,7 @@ def check_sdpa_overflow(case: SdpaCase) -> None:
                 f"{mpmath.nstr(_mpf_of(lm.logits[at]), 5)} (or a value on its way beyond)",
             )
         # a result although logits got near (or, on the way, beyond) the range: the claim
-        w = exact.to_float64(yc[..., ev:])
+        w = exact.to_float64(mass)
         out_allowed, lse_allowed = sdpa_allowed(pcase, w)
         compare("accurate bound", call, "output", out, y, out_allowed, dps)
         if lse is not None:
