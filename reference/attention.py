@@ -57,7 +57,18 @@ from attnspec.reference.visibility import (
     visible,
 )
 
-__all__ = ["SdpaOptions", "evaluate", "sdpa", "sdpa_defaults"]
+__all__ = [
+    "Block",
+    "Logits",
+    "Prepared",
+    "SdpaOptions",
+    "dropped",
+    "evaluate",
+    "logits",
+    "prepare",
+    "sdpa",
+    "sdpa_defaults",
+]
 
 F64 = npt.NDArray[np.float64]
 Bool = npt.NDArray[np.bool_]
@@ -368,6 +379,114 @@ def _per_head(value: object, name: str, batch: tuple[int, ...], hq: int) -> F64:
 def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: SdpaOptions) -> Any:
     """The definition in ``arith`` on ``q``, ``k``, ``v`` with validated ``options``:
     ``out`` or ``(out, lse)`` as the arithmetic's results."""
+    prep = prepare(arith, q, k, v, options)
+    # Each query row is independent: evaluate blocks of rows so that the (L, S) logits
+    # and the arithmetic's temporaries stay within a bounded workspace; each block's
+    # results are written into the output (allocated with the first block's dtype).
+    n_q = prep.n_q
+    starts = prep.row_starts()
+    out: Any = None
+    lse: Any = None
+    for start in starts:
+        stop = min(n_q, start + prep.rows_per_block)
+        block = prep.block(start, stop)
+        o_block, lse_block = _forward(arith, prep.q[..., start:stop, :], prep.k, prep.v, block)
+        if len(starts) == 1:
+            out, lse = o_block, lse_block
+            break
+        if out is None:
+            out = np.empty((*o_block.shape[:-2], n_q, o_block.shape[-1]), dtype=o_block.dtype)
+            lse = np.empty((*lse_block.shape[:-1], n_q), dtype=lse_block.dtype)
+        out[..., start:stop, :] = o_block
+        lse[..., start:stop] = lse_block
+    if lse.shape != out.shape[:-1]:
+        # v has batch dimensions that q and k lack: the lse (of q and k alone) is the same
+        # along them, and has the documented shape (..., Hq, L) of the output's rows
+        lse = np.array(np.broadcast_to(lse, out.shape[:-1]))
+    if prep.two_d:
+        out, lse = out[0], lse[0]
+    return (out, lse) if options.return_lse else out
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The validated inputs of one call: what every block of the definition reads.
+
+    ``q``, ``k``, ``v`` are float64 with at least three dimensions (2-D inputs gain a head
+    axis, ``two_d`` says so), ``k`` and ``v`` with their kv heads repeated to one per query
+    head; the optional arrays are validated against the shapes (None where not given).
+    """
+
+    q: F64
+    k: F64
+    v: F64
+    two_d: bool
+    batch: tuple[int, ...]
+    hq: int
+    hkv: int
+    n_q: int
+    n_k: int
+    logits_shape: tuple[int, ...]
+    tau: float
+    options: SdpaOptions
+    mask: Bool | None
+    keep: Bool | None
+    bias: F64 | None
+    slopes: F64 | None
+    sinks: F64 | None
+    offset: int
+    finite_values: bool
+    rows_per_block: int
+
+    def row_starts(self) -> range:
+        """The first query row of each block of rows (one block for L = 0)."""
+        return range(0, max(self.n_q, 1), self.rows_per_block)
+
+    def block(self, start: int, stop: int) -> Block:
+        """What the definition needs for query rows ``start:stop``."""
+        opt = self.options
+        seen = visible(
+            self.n_q,
+            self.n_k,
+            causal=bool(opt.causal),
+            window=opt.window,
+            offset=self.offset,
+            rows=(start, stop),
+        )
+        block_mask = _query_rows(self.mask, start, stop)
+        if block_mask is not None:
+            seen = block_mask if seen is None else (block_mask & seen)
+        block_bias = _query_rows(self.bias, start, stop)
+        if block_bias is not None and np.any(block_bias == -np.inf):
+            # A bias of -inf hides its key, like the mask: whatever the logit holds
+            # (NaN + -inf would be NaN) never reaches the row.
+            shown = block_bias != -np.inf
+            seen = shown if seen is None else (seen & shown)
+        return Block(
+            tau=self.tau,
+            softcap=opt.softcap,
+            bias=block_bias,
+            slopes=self.slopes,
+            distance=None
+            if self.slopes is None
+            else np.abs(relative_position(self.n_q, self.n_k, self.offset, (start, stop))).astype(
+                np.float64
+            ),
+            seen=seen,
+            sinks=self.sinks,
+            keep=_query_rows(self.keep, start, stop),
+            dropout_p=opt.dropout_p,
+            finite_values=self.finite_values,
+            first_row=start,
+        )
+
+
+def prepare(
+    arith: Arithmetic[Any], q: object, k: object, v: object, options: SdpaOptions
+) -> Prepared:
+    """Validate ``q``, ``k``, ``v`` and the arrays of ``options`` against each other (the
+    errors name the argument, its shape and the shape expected) for an evaluation in
+    ``arith`` (whose size limit applies)."""
     q64 = as_real_float64(q, "q")
     k64 = as_real_float64(k, "k")
     v64 = as_real_float64(v, "v")
@@ -414,13 +533,7 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
     if opt.scale is None and width == 0:
         raise ValueError("scale=None needs E > 0 (the default is 1/sqrt(E)); pass scale=")
     tau = 1.0 / math.sqrt(width) if opt.scale is None else opt.scale
-    causal, win, align, softcap, dropout_p = (
-        opt.causal,
-        opt.window,
-        opt.align,
-        opt.softcap,
-        opt.dropout_p,
-    )
+    causal, win, align = opt.causal, opt.window, opt.align
     mask = None if opt.mask is None else _bool_array(opt.mask, "mask", logits_shape)
     keep = (
         None
@@ -458,57 +571,28 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
         k64 = np.repeat(k64, hq // hkv, axis=-3)
         v64 = np.repeat(v64, hq // hkv, axis=-3)
 
-    # Each query row is independent: evaluate blocks of rows so that the (L, S) logits
-    # and the arithmetic's temporaries stay within a bounded workspace; each block's
-    # results are written into the output (allocated with the first block's dtype).
-    finite_values = bool(np.isfinite(v64).all())  # decided once for all blocks
-    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(logits_shape[:-2])) * n_k))
-    starts = range(0, max(n_q, 1), rows_per_block)
-    out: Any = None
-    lse: Any = None
-    for start in starts:
-        stop = min(n_q, start + rows_per_block)
-        seen = visible(n_q, n_k, causal=bool(causal), window=win, offset=offset, rows=(start, stop))
-        block_mask = _query_rows(mask, start, stop)
-        if block_mask is not None:
-            seen = block_mask if seen is None else (block_mask & seen)
-        block_bias = _query_rows(bias, start, stop)
-        if block_bias is not None and np.any(block_bias == -np.inf):
-            # A bias of -inf hides its key, like the mask: whatever the logit holds
-            # (NaN + -inf would be NaN) never reaches the row.
-            shown = block_bias != -np.inf
-            seen = shown if seen is None else (seen & shown)
-        block = Block(
-            tau=tau,
-            softcap=softcap,
-            bias=block_bias,
-            slopes=slopes,
-            distance=None
-            if slopes is None
-            else np.abs(relative_position(n_q, n_k, offset, (start, stop))).astype(np.float64),
-            seen=seen,
-            sinks=sinks,
-            keep=_query_rows(keep, start, stop),
-            dropout_p=dropout_p,
-            finite_values=finite_values,
-            first_row=start,
-        )
-        o_block, lse_block = _forward(arith, q64[..., start:stop, :], k64, v64, block)
-        if len(starts) == 1:
-            out, lse = o_block, lse_block
-            break
-        if out is None:
-            out = np.empty((*o_block.shape[:-2], n_q, o_block.shape[-1]), dtype=o_block.dtype)
-            lse = np.empty((*lse_block.shape[:-1], n_q), dtype=lse_block.dtype)
-        out[..., start:stop, :] = o_block
-        lse[..., start:stop] = lse_block
-    if lse.shape != out.shape[:-1]:
-        # v has batch dimensions that q and k lack: the lse (of q and k alone) is the same
-        # along them, and has the documented shape (..., Hq, L) of the output's rows
-        lse = np.array(np.broadcast_to(lse, out.shape[:-1]))
-    if two_d:
-        out, lse = out[0], lse[0]
-    return (out, lse) if opt.return_lse else out
+    return Prepared(
+        q=q64,
+        k=k64,
+        v=v64,
+        two_d=two_d,
+        batch=batch,
+        hq=hq,
+        hkv=hkv,
+        n_q=n_q,
+        n_k=n_k,
+        logits_shape=logits_shape,
+        tau=tau,
+        options=opt,
+        mask=mask,
+        keep=keep,
+        bias=bias,
+        slopes=slopes,
+        sinks=sinks,
+        offset=offset,
+        finite_values=bool(np.isfinite(v64).all()),  # decided once for all blocks
+        rows_per_block=max(1, _BLOCK_ELEMENTS // max(1, int(np.prod(logits_shape[:-2])) * n_k)),
+    )
 
 
 #: elements of the (..., L, S) logits evaluated at once (8 MiB of float64). Measured on
@@ -546,10 +630,44 @@ def _query_rows(a: npt.NDArray[Any] | None, start: int, stop: int) -> npt.NDArra
 
 def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tuple[Any, Any]:
     """Steps 1-8 of the definition, for one block of queries."""
+    lg = logits(arith, q, k, v, blk)
+    # 5-6. lse and weights: the softmax definition (attnspec.reference.softmax).
+    weights = normalise(arith, lg.s, lg.approx, ("softmax", "lse"))
+    # 7. dropout: p <- p * keep / (1 - p_drop)
+    p = dropped(arith, weights["softmax"], lg.keep, blk.dropout_p)
+    # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
+    out = _weighted_values(arith, p, lg.approx, lg.keep, lg.v, blk.finite_values)
+    return arith.result(out), arith.result(weights["lse"])[..., 0]
+
+
+@dataclass(frozen=True)
+class Logits:
+    """Steps 1-4 for one block of queries: the logits and what comes with them.
+
+    With sinks, the keys gain a last column: key number S, with logit sigma_h and value 0
+    (``k``, ``v``, ``seen`` and ``keep`` include it)."""
+
+    #: the final logits (numbers of the arithmetic), -inf at hidden keys
+    s: Any
+    #: ``s`` rounded to float64
+    approx: F64
+    #: the softcapped logits c tanh(s/c) before bias and ALiBi (None without softcap)
+    capped: Any
+    #: visibility, sink column included (None: all visible)
+    seen: Bool | None
+    #: the keep-mask, sink column included (None: no dropout mask)
+    keep: Bool | None
+    #: the keys and values, the sink's zero row included
+    k: F64
+    v: F64
+
+
+def logits(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> Logits:
+    """Steps 1-4 of the definition, for one block of queries."""
     tau, softcap, bias, slopes = blk.tau, blk.softcap, blk.bias, blk.slopes
-    seen, sinks, keep, dropout_p = blk.seen, blk.sinks, blk.keep, blk.dropout_p
+    seen, sinks, keep = blk.seen, blk.sinks, blk.keep
     n_q, n_k = q.shape[-2], k.shape[-2]
-    # k and v have one head per query head here (the kv heads were repeated by _sdpa).
+    # k and v have one head per query head here (the kv heads were repeated by prepare).
     if sinks is not None:
         # A sink is a key with logit sigma_h and value 0: key number S.
         k = np.concatenate([k, np.zeros((*k.shape[:-2], 1, k.shape[-1]))], axis=-2)
@@ -563,8 +681,9 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
         arith.lift(np.asarray(tau, dtype=np.float64)),
     )
     # 2. softcap: s <- c tanh(s / c)
+    capped = None
     if softcap is not None:
-        s = arith.softcap(s, softcap)
+        s = capped = arith.softcap(s, softcap)
     # 3. bias and ALiBi: s <- s + b - m_h |i + o - j|
     if bias is not None:
         s = arith.add(s, arith.lift(_pad_keys(bias, n_k, sinks is not None)))
@@ -582,18 +701,18 @@ def _forward(arith: Arithmetic[Any], q: F64, k: F64, v: F64, blk: Block) -> tupl
     if seen is not None:
         s = arith.select(seen, s, arith.lift(np.full((1, 1), -np.inf)))
         approx = np.where(seen, approx, -np.inf)
-    # 5-6. lse and weights: the softmax definition (attnspec.reference.softmax).
-    weights = normalise(arith, s, approx, ("softmax", "lse"))
-    p = weights["softmax"]
-    # 7. dropout: p <- p * keep / (1 - p_drop)
-    if keep is not None:
-        p = arith.div(
-            arith.mul(p, arith.lift(keep.astype(np.float64))),
-            arith.sub(arith.lift(np.ones(())), arith.lift(np.asarray(dropout_p, dtype=np.float64))),
-        )
-    # 8. o_i = sum_j p_ij v_j over the keys that carry weight.
-    out = _weighted_values(arith, p, approx, keep, v, blk.finite_values)
-    return arith.result(out), arith.result(weights["lse"])[..., 0]
+    return Logits(s=s, approx=approx, capped=capped, seen=seen, keep=keep, k=k, v=v)
+
+
+def dropped(arith: Arithmetic[Any], p: Any, keep: Bool | None, dropout_p: float) -> Any:
+    r"""Step 7, dropout: :math:`p \leftarrow p\, \kappa / (1 - p_{\mathrm{drop}})` (``p``
+    itself without a keep-mask)."""
+    if keep is None:
+        return p
+    return arith.div(
+        arith.mul(p, arith.lift(keep.astype(np.float64))),
+        arith.sub(arith.lift(np.ones(())), arith.lift(np.asarray(dropout_p, dtype=np.float64))),
+    )
 
 
 def _refuse_overflowed_logits(
