@@ -153,24 +153,40 @@ def _evaluate(
     if not isinstance(keepdims, bool | np.bool_):
         raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
 
-    # Move the slice axes last and flatten: rows of n entries each.
-    kept = tuple(a for a in range(x64.ndim) if a not in axes)
-    order = kept + axes
-    kept_shape = tuple(x64.shape[a] for a in kept)
-    n = int(np.prod([x64.shape[a] for a in axes], dtype=np.int64))
-    n_rows = int(np.prod(kept_shape, dtype=np.int64))
-    rows_x = np.transpose(x64, order).reshape(n_rows, n)
-    rows_w = None if w is None else np.transpose(w, order).reshape(n_rows, n)
-
-    out = _rows(kind, rows_x, rows_w, arith)
-
+    layout = Rows(x64.shape, axes)
+    rows_w = None if w is None else layout.rows(w)
+    out = _rows(kind, layout.rows(x64), rows_w, arith)
     if kind == "logsumexp":
-        lse = out.reshape(kept_shape)
-        if keepdims:
-            lse = np.expand_dims(lse, axes)
-        return lse
-    full = out.reshape(kept_shape + tuple(x64.shape[a] for a in axes))
-    return np.transpose(full, np.argsort(order))
+        return layout.reduced(out, keepdims)
+    return layout.full(out)
+
+
+class Rows:
+    """The slices of an array along ``axes`` as the rows of a 2-D array (R, n): the slice
+    axes moved last and flattened; and back."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+        self.shape, self.axes = shape, axes
+        kept = tuple(a for a in range(len(shape)) if a not in axes)
+        self.order = kept + axes
+        self.kept_shape = tuple(shape[a] for a in kept)
+        self.n = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+        self.n_rows = int(np.prod(self.kept_shape, dtype=np.int64))
+
+    def rows(self, a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``a`` (of ``shape``) as rows (R, n)."""
+        return np.transpose(a, self.order).reshape(self.n_rows, self.n)
+
+    def full(self, rows: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Rows (R, n) back in ``shape``."""
+        full = rows.reshape(self.kept_shape + tuple(self.shape[a] for a in self.axes))
+        return np.transpose(full, np.argsort(self.order))
+
+    def reduced(self, values: npt.NDArray[Any], keepdims: bool) -> npt.NDArray[Any]:
+        """One value per row (R,) in the reduced shape (the slice axes kept with length 1
+        for ``keepdims``)."""
+        out = values.reshape(self.kept_shape)
+        return np.expand_dims(out, self.axes) if keepdims else out
 
 
 def _rows(kind: str, x: F64, where: npt.NDArray[np.bool_] | None, arith: Arithmetic[Any]) -> Any:
