@@ -21,15 +21,18 @@ numpy; reductions run over the last axis and keep it (length 1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PRECISIONS", "Arithmetic", "Fast", "get_arithmetic"]
+__all__ = ["PRECISIONS", "Arithmetic", "Fast", "Move", "get_arithmetic"]
 
 F64 = npt.NDArray[np.float64]
 T = TypeVar("T")
+#: a change of layout of an array's axes (see :meth:`Arithmetic.rearrange`)
+Move = Callable[[npt.NDArray[Any]], npt.NDArray[Any]]
 
 #: The names accepted by ``precision=``.
 PRECISIONS = ("accurate", "fast")
@@ -91,6 +94,12 @@ class Arithmetic(Protocol[T]):
 
     def approx(self, a: T) -> F64:
         """``a`` rounded to float64 (to choose a maximum, to find special values)."""
+        ...
+
+    def rearrange(self, a: T, move: Move) -> T:
+        """The same numbers in another layout: ``move`` (a reshape, transpose, slice or
+        broadcast of the axes, the same for every float64 array) applied to ``a``; the
+        backward pass transposes and sums over axes with it (a sum is a product with ones)."""
         ...
 
     # -- the three steps of the softmax of a shifted row (reference/softmax.py) ------
@@ -191,6 +200,9 @@ class Fast:
 
     def approx(self, a: F64) -> F64:
         return a
+
+    def rearrange(self, a: F64, move: Move) -> F64:
+        return move(a)
 
     def sum_others(self, d: F64, k: npt.NDArray[np.intp]) -> F64:
         return _sum_others(np.exp(d), k)

@@ -26,6 +26,8 @@ import flint
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.reference.arith import Move
+
 __all__ = ["BallArithmetic", "Balls"]
 
 F64 = npt.NDArray[np.float64]
@@ -264,6 +266,10 @@ class BallArithmetic:
         if a.s is None and b.s is None:
             return Balls(balls, None)
         return self._special(balls, np.where(cond, _special(a), _special(b)))
+
+    def rearrange(self, a: Balls, move: Move) -> Balls:
+        s = None if a.s is None else move(np.broadcast_to(a.s, a.b.shape))
+        return Balls(_obj(move(a.b)), s)
 
     def approx(self, a: Balls) -> F64:
         """The midpoints rounded to float64, but a finite value beyond the float64 range

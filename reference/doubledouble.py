@@ -94,6 +94,7 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.reference.arith import Move
 from attnspec.reference.eft import SPLITTER as _SPLITTER
 from attnspec.reference.eft import fast_two_sum, split, two_prod, two_sum
 
@@ -1203,6 +1204,12 @@ class DoubleDouble:
         if isinstance(a, Weights) or isinstance(b, Weights):
             return Weights.of(out, _tiny_select(cond, a, b, hi.shape))
         return out
+
+    def rearrange(self, a: DD, move: Move) -> DD:
+        # a plain DD: the scaled tiny weights (Weights) are not carried through a change
+        # of layout; each weight is then as hi + lo holds it, within 2**-1074 absolute
+        lo = None if a.lo is None else move(np.broadcast_to(a.lo, np.shape(a.hi)))
+        return DD(move(np.asarray(a.hi)), lo)
 
     def approx(self, a: DD) -> F64:
         return self.result(a)

@@ -10,6 +10,7 @@ import mpmath
 import numpy as np
 import numpy.typing as npt
 
+from attnspec.reference.arith import Move
 from attnspec.reference.rounding import to_float64
 
 __all__ = ["Exact"]
@@ -86,6 +87,9 @@ class Exact:
 
     def select(self, cond: npt.NDArray[np.bool_], a: ObjArray, b: ObjArray) -> ObjArray:
         return np.where(cond, a, b)
+
+    def rearrange(self, a: ObjArray, move: Move) -> ObjArray:
+        return move(np.asarray(a, dtype=object))
 
     def approx(self, a: ObjArray) -> npt.NDArray[np.float64]:
         """``a`` rounded to float64, but a finite value beyond the float64 range becomes
