@@ -8,7 +8,28 @@ correct implementation must satisfy.
 
 from attnspec import exact
 from attnspec.reference.attention import sdpa
+from attnspec.reference.backward import (
+    SdpaGradients,
+    log_softmax_vjp,
+    logsumexp_vjp,
+    sdpa_backward,
+    softmax_jvp,
+    softmax_vjp,
+)
 from attnspec.reference.softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "exact", "log_softmax", "logsumexp", "sdpa", "softmax"]
+__all__ = [
+    "SdpaGradients",
+    "__version__",
+    "exact",
+    "log_softmax",
+    "log_softmax_vjp",
+    "logsumexp",
+    "logsumexp_vjp",
+    "sdpa",
+    "sdpa_backward",
+    "softmax",
+    "softmax_jvp",
+    "softmax_vjp",
+]

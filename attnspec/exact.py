@@ -8,9 +8,14 @@ from attnspec.reference.exact import (
     UNDECIDED,
     UndecidedRounding,
     log_softmax,
+    log_softmax_vjp,
     logsumexp,
+    logsumexp_vjp,
     sdpa,
+    sdpa_backward,
     softmax,
+    softmax_jvp,
+    softmax_vjp,
     to_float64,
 )
 
@@ -21,8 +26,13 @@ __all__ = [
     "UNDECIDED",
     "UndecidedRounding",
     "log_softmax",
+    "log_softmax_vjp",
     "logsumexp",
+    "logsumexp_vjp",
     "sdpa",
+    "sdpa_backward",
     "softmax",
+    "softmax_jvp",
+    "softmax_vjp",
     "to_float64",
 ]

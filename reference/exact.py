@@ -71,10 +71,15 @@ __all__ = [
     "Exact",
     "UndecidedRounding",
     "log_softmax",
+    "log_softmax_vjp",
     "logsumexp",
+    "logsumexp_vjp",
     "recording_precision",
     "sdpa",
+    "sdpa_backward",
     "softmax",
+    "softmax_jvp",
+    "softmax_vjp",
     "to_float64",
 ]
 
@@ -220,6 +225,134 @@ def sdpa(
     return parts if opts.return_lse else parts[0]
 
 
+def softmax_vjp(
+    x: npt.ArrayLike,
+    g: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
+) -> ObjArray:
+    """:func:`attnspec.softmax_vjp`, exactly, with the guarantees of :func:`softmax`."""
+    return _gradient("softmax", x, g, axis, where, False, dps, backend, undecided)
+
+
+def softmax_jvp(
+    x: npt.ArrayLike,
+    t: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
+) -> ObjArray:
+    """:func:`attnspec.softmax_jvp`, exactly, with the guarantees of :func:`softmax`."""
+    return _gradient("softmax", x, t, axis, where, False, dps, backend, undecided, "t")
+
+
+def log_softmax_vjp(
+    x: npt.ArrayLike,
+    g: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
+) -> ObjArray:
+    """:func:`attnspec.log_softmax_vjp`, exactly, with the guarantees of :func:`softmax`."""
+    return _gradient("log_softmax", x, g, axis, where, False, dps, backend, undecided)
+
+
+def logsumexp_vjp(
+    x: npt.ArrayLike,
+    g: npt.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    *,
+    where: npt.ArrayLike | None = None,
+    keepdims: bool = False,
+    dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
+) -> ObjArray:
+    """:func:`attnspec.logsumexp_vjp`, exactly, with the guarantees of :func:`softmax`."""
+    return _gradient("logsumexp", x, g, axis, where, keepdims, dps, backend, undecided)
+
+
+def _gradient(
+    kind: str,
+    x: object,
+    g: object,
+    axis: object,
+    where: object,
+    keepdims: object,
+    dps: object,
+    backend: object,
+    undecided: object,
+    g_name: str = "g",
+) -> ObjArray:
+    from attnspec.reference.backward import family_vjp
+
+    digits = _check_dps(dps)
+    rule = _check_choice("undecided", undecided, UNDECIDED)
+    if _check_choice("backend", backend, BACKENDS) == "mpmath":
+        with mpmath.workdps(digits):
+            return _as_mpf(family_vjp(kind, x, g, axis, where, keepdims, Exact(), g_name))
+
+    def evaluate_once(arith: Any) -> Any:
+        return (family_vjp(kind, x, g, axis, where, keepdims, arith, g_name),)
+
+    result: ObjArray = _certified(evaluate_once, digits, 0, f"{kind}_vjp", rule)[0]
+    return result
+
+
+def sdpa_backward(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    *,
+    dlse: npt.ArrayLike | None = None,
+    dps: int = DEFAULT_DPS,
+    backend: str = "arb",
+    undecided: str = "raise",
+    **options: Any,
+) -> Any:
+    """:func:`attnspec.sdpa_backward`, exactly: an
+    :class:`~attnspec.reference.backward.SdpaGradients` of object arrays of mpf, with the
+    guarantees of :func:`softmax`; arguments as :func:`sdpa`'s, and ``dout``, ``dlse``."""
+    from attnspec.reference.attention import SdpaOptions
+    from attnspec.reference.backward import SdpaGradients, sdpa_gradients
+
+    opts = SdpaOptions.from_kwargs(options)
+    digits = _check_dps(dps)
+    rule = _check_choice("undecided", undecided, UNDECIDED)
+    if _check_choice("backend", backend, BACKENDS) == "mpmath":
+        with mpmath.workdps(digits + _logit_digits(q, k, opts)):
+            grads = sdpa_gradients(Exact(), q, k, v, dout, dlse, opts)
+            return SdpaGradients(*(None if g is None else _as_mpf(g) for g in grads))
+    present = [name for name in SdpaGradients._fields if name != "dbias" or opts.bias is not None]
+    present = [name for name in present if name != "dsinks" or opts.sinks is not None]
+
+    def evaluate_once(arith: Any) -> Any:
+        grads = sdpa_gradients(arith, q, k, v, dout, dlse, opts)
+        return tuple(getattr(grads, name) for name in present)
+
+    parts = _certified(
+        evaluate_once,
+        digits,
+        _logit_digits(q, k, opts),
+        "sdpa_backward",
+        rule,
+        names=tuple(present),
+    )
+    found = dict(zip(present, parts, strict=True))
+    return SdpaGradients(*(found.get(name) for name in SdpaGradients._fields))
+
+
 def _logit_digits(q: object, k: object, opts: Any) -> int:
     r"""Decimal digits to add to ``dps`` so that the logits keep ``dps`` digits *after*
     the shift by their maximum: the products and sums that form them round relative to
@@ -281,6 +414,7 @@ def _certified(
     logit_digits: int,
     what: str,
     undecided_rule: str = "raise",
+    names: tuple[str, ...] = ("out", "lse"),
 ) -> tuple[ObjArray, ...]:
     """Evaluate in balls until every result decides its float64 rounding and ``digits``
     digits (Ziv's strategy), doubling the working precision; the results as mpf.
@@ -334,7 +468,7 @@ def _certified(
         if bits >= MAX_BITS:
             which = next(i for i, u in enumerate(undecided) if u.size)
             at = tuple(int(i) for i in undecided[which][0])
-            name = "" if len(parts) == 1 else ("out", "lse")[which] + " "
+            name = "" if len(parts) == 1 else names[which] + " "
             raise UndecidedRounding(
                 f"attnspec.exact.{what}: the result {name}at {at} is the ball "
                 f"{np.asarray(parts[which], dtype=object)[at]} at {bits} bits of working "
