@@ -52,6 +52,7 @@ __all__ = [
     "GRADIENTS",
     "BackwardQuantities",
     "accurate_backward_bound",
+    "family_bound",
     "fast_backward_bound",
     "quantities",
     "sum_to",
@@ -375,3 +376,64 @@ def fast_backward_bound(
         under = (n_k + width + 8) * ETA * (floor[name] + 1)
         out[name] = SECOND_ORDER * first + under
     return _shaped(bq, out)
+
+
+def family_bound(
+    kind: str, x: Any, g: Any, accuracy: str, axis: int = -1, where: Any = None
+) -> F64:
+    r"""A bound on the error of the gradient of ``kind`` ("softmax" for
+    :func:`attnspec.softmax_vjp` and ``softmax_jvp``, "log_softmax", "logsumexp") along
+    ``axis``, for "accurate" or "fast" (textbook float64), in the shape of ``x``.
+
+    With :math:`p` the weights, :math:`V` the included entries and the magnitudes
+    :math:`M_j = p_j (|g_j| + \sum_{i \in V} p_i |g_i|)` (softmax),
+    :math:`|g_j| + p_j \sum_{i \in V} |g_i|` (log_softmax), :math:`|g|\,p_j` (logsumexp):
+
+    * accurate: :math:`u|r_j| + u M_j + \eta`. The weights in double-double carry a
+      relative error below :math:`2^{-62}`, the row sum (``dot_dd`` with ones)
+      :math:`2^{-56}` of the magnitude of its terms, each other operation :math:`4u^2`
+      (see :func:`accurate_backward_bound`): below :math:`2^{-55} M_j`, and the final
+      rounding :math:`u|r_j|`;
+    * fast: :math:`(\rho_j + \gamma_{n+3}) M_j + 4\eta`, with :math:`\rho_j` the relative
+      error of the weights (:func:`~attnspec.spec.tolerances.softmax.softmax_fast_bound`):
+      the error of each weight passes into every term it multiplies, and the sum of
+      :math:`n` terms, the subtraction and the product round :math:`n + 2` times (times
+      ``SECOND_ORDER``).
+    """
+    from attnspec.spec.tolerances.softmax import softmax_fast_bound
+
+    if accuracy not in ("accurate", "fast"):
+        raise ValueError(f"accuracy must be 'accurate' or 'fast', got {accuracy!r}")
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    included = x > -np.inf
+    if where is not None:
+        included &= np.moveaxis(
+            np.broadcast_to(np.asarray(where, dtype=bool), np.shape(x)), axis, -1
+        )
+    import attnspec
+
+    xx = np.where(included, x, -np.inf)
+    with np.errstate(invalid="ignore"):
+        p = attnspec.softmax(xx, precision="accurate")
+    g64 = np.asarray(g, dtype=np.float64)
+    if kind == "logsumexp":  # g has the reduced shape (the axis kept or not)
+        g_rows = g64 if g64.ndim == x.ndim else np.expand_dims(g64, axis)
+        mag = np.abs(np.moveaxis(g_rows, axis, -1)) * p
+        r = mag  # |g p|
+    else:
+        g_in = np.where(included, np.moveaxis(g64, axis, -1), 0.0)
+        gg = np.abs(g_in)
+        if kind == "softmax":
+            mag = p * (gg + np.sum(p * gg, axis=-1, keepdims=True))
+            vjp = attnspec.softmax_vjp
+        else:
+            mag = gg + p * np.sum(gg, axis=-1, keepdims=True)
+            vjp = attnspec.log_softmax_vjp
+        r = np.abs(vjp(xx, g_in, precision="accurate")) if accuracy == "accurate" else mag
+    n = x.shape[-1]
+    if accuracy == "accurate":
+        out = SECOND_ORDER * U * (r + mag) + ETA
+    else:
+        rel, _ = softmax_fast_bound(xx.reshape(-1, n), included.reshape(-1, n))
+        out = SECOND_ORDER * (rel.reshape(x.shape) + gamma(n + 3)) * mag + 4 * ETA
+    return np.moveaxis(np.where(included, out, 0.0), -1, axis)
