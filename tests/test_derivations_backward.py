@@ -14,9 +14,12 @@ The topic is not yet in attnspec.spec.TOPICS: the module is imported directly.
 from __future__ import annotations
 
 import dataclasses
+import doctest
+import io
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import mpmath
@@ -296,3 +299,40 @@ def test_forward_matches_exact_reference(
             (i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True)) if not _close(g, w)
         ]
         assert not bad, f"{case}: {name} differs (index, symbolic, exact): {bad[:3]}"
+
+
+# --- the page's template: its example runs, its slots are those of a topic page ----------
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "docs" / "_templates" / "backward.md"
+#: the slots the generator fills: a topic page's, the picture of dS and the references
+SLOTS = ["header", "gradient_picture", "claims_heading", "index", "claims", "references"]
+
+
+def test_template_has_the_slots_in_order() -> None:
+    text = TEMPLATE.read_text(encoding="utf-8")
+    found = re.findall(r"^\{\{ ([a-z0-9_]+) \}\}$", text, flags=re.MULTILINE)
+    assert found == SLOTS, f"{TEMPLATE.name}: slots {found}, expected {SLOTS}"
+    assert text.count("{{") == len(SLOTS), f"{TEMPLATE.name}: a '{{{{' that is not a slot"
+
+
+def test_template_links_only_to_claims_of_the_topic() -> None:
+    text = TEMPLATE.read_text(encoding="utf-8")
+    anchors = set(re.findall(r"\]\(#([a-z0-9-]+)\)", text))
+    assert anchors <= set(BY_NAME), f"links to no claim: {sorted(anchors - set(BY_NAME))}"
+    missing = set(BY_NAME) - anchors
+    assert not missing, f"claims the prose never links to: {sorted(missing)}"
+
+
+def test_template_example_prints_what_it_says() -> None:
+    # The ```python block of the page is a doctest: every >>> runs and prints what it shows.
+    text = TEMPLATE.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
+    assert blocks, f"{TEMPLATE.name}: no ```python example"
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for number, block in enumerate(blocks):
+        test = parser.get_doctest(block, {}, f"{TEMPLATE.name}[{number}]", str(TEMPLATE), 0)
+        assert test.examples, f"{TEMPLATE.name}: block {number} has no >>> example"
+        out = io.StringIO()
+        with np.printoptions(legacy=False):
+            result = runner.run(test, out=out.write)
+        assert result.failed == 0, out.getvalue()

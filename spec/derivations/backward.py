@@ -955,6 +955,10 @@ def _central_difference(two_sided: bool = True) -> list[Step]:
     quotient = (f(x + h) - f(x - h)) / (2 * h) if two_sided else (f(x + h) - f(x)) / h
     series = quotient.series(h, 0, 4).doit()
     d1, d3 = sympy.Derivative(f(x), x), sympy.Derivative(f(x), (x, 3))
+    richardson = (4 * quotient.subs(h, h / 2) - quotient) / 3  # D(h) and D(h/2) combined
+    extrapolated = richardson.series(h, 0, 6).doit()
+    d5 = sympy.Derivative(f(x), (x, 5))
+    one_sided = ((f(x + h) - f(x)) / h).series(h, 0, 2).doit()
     big_m, eps = symbols("M epsilon", positive=True)
     total = h**2 * big_m / 6 + eps / h  # truncation + rounding: each f within eps
     best = solveset(diff(total, h), h, Interval.open(0, oo))
@@ -972,6 +976,19 @@ def _central_difference(two_sided: bool = True) -> list[Step]:
             key=False,
         ),
         equal(
+            r"Richardson: $(4 D(h/2) - D(h)) / 3 = f'(x) - h^4 f^{(5)}(x) / 480 + O(h^6)$",
+            extrapolated.removeO(),
+            d1 - h**4 * d5 / 480,
+            shown=(r"\frac{4 D(h/2) - D(h)}{3}", d1 - h**4 * d5 / 480 + O(h**6)),
+        ),
+        equal(
+            r"one-sided, only first order: $(f(x + h) - f(x)) / h = f'(x) + h f''(x) / 2"
+            r" + O(h^2)$",
+            one_sided.removeO(),
+            d1 + h * sympy.Derivative(f(x), (x, 2)) / 2,
+            key=False,
+        ),
+        equal(
             r"for $f = \exp$: $(e^{x+h} - e^{x-h}) / 2h = e^x (1 + h^2/6 + h^4/120 + \dots)$",
             ((exp(x + h) - exp(x - h)) / (2 * h)).series(h, 0, 6).removeO(),
             exp(x) * (1 + h**2 / 6 + h**4 / 120),
@@ -984,6 +1001,15 @@ def _central_difference(two_sided: bool = True) -> list[Step]:
                 sympy.Symbol("h^*"), (3 * eps / big_m) ** sympy.Rational(1, 3), evaluate=False
             ),
             best == sympy.FiniteSet((3 * eps / big_m) ** sympy.Rational(1, 3)),
+        ),
+        equal(
+            r"where it is $\tfrac{3^{2/3}}{2} M^{1/3} \epsilon^{2/3}$",
+            total.subs(h, (3 * eps / big_m) ** sympy.Rational(1, 3)),
+            3 ** sympy.Rational(2, 3)
+            / 2
+            * big_m ** sympy.Rational(1, 3)
+            * eps ** sympy.Rational(2, 3),
+            key=False,
         ),
     ]
 
@@ -1116,7 +1142,7 @@ CLAIMS: tuple[Claim, ...] = (
             " ([lse-gradient-is-weights](#lse-gradient-is-weights))."
             " $D_i = \\sum_j P_{ij}\\, dP_{ij}$ is computed as $\\sum_c dO_{ic} O_{ic}$, $E_v$"
             " products instead of $S$, which is how FlashAttention's backward forms it"
-            " (Dao et al. 2022, appendix B.2); in floating point the two differ, and the"
+            " (Dao et al. 2022, appendix B.2); in floating point the two may differ, and the"
             " reference takes $O$ as the forward computed it."
         ),
         derivation=_sdpa_closed_form,
@@ -1184,7 +1210,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(
         topic=TOPIC,
         name="dropout-gradient",
-        title="Dropout: the keep-mask scales dP, and D is unchanged",
+        title="Dropout: the keep-mask scales dP; D keeps its formula",
         statement=(
             r"O = (P \odot \kappa\, r) V:\quad dV = (P \odot \kappa\, r)^T dO,\quad"
             r" dP = (dO\, V^T) \odot \kappa\, r,\quad"
@@ -1226,7 +1252,7 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(
         topic=TOPIC,
         name="dz-rows-sum",
-        title="Each row of dZ, with the sink, sums to dl",
+        title="Each row of dZ, with the sink's share, sums to the lse gradient",
         statement=(
             r"\sum_j dZ_{ij} + d\sigma_i = d\ell_i,\qquad"
             r" d\sigma_i = -P_{i,\sigma}(D_i - d\ell_i);\qquad"
@@ -1329,17 +1355,21 @@ CLAIMS: tuple[Claim, ...] = (
         name="central-difference-error",
         title="The error of a central-difference check",
         statement=(
-            r"\frac{f(x + h) - f(x - h)}{2h} = f'(x) + \frac{h^2}{6} f'''(x) + O(h^4),\qquad"
-            r" \frac{h^2 M}{6} + \frac{\epsilon}{h} \text{ least at } h = (3\epsilon / M)^{1/3}"
+            r"D(h) = \frac{f(x + h) - f(x - h)}{2h} = f'(x) + \frac{h^2}{6} f'''(x) + O(h^4),"
+            r"\quad \frac{4 D(h/2) - D(h)}{3} = f'(x) + O(h^4),\quad"
+            r" \frac{h^2 M}{6} + \frac{\epsilon}{h} \text{ least at } h = (3\epsilon / M)^{1/3}:"
+            r" \tfrac{3^{2/3}}{2} M^{1/3} \epsilon^{2/3}"
         ),
         method="symbolic (SymPy's series of an undefined function; solveset for the step)",
         explanation=(
             "A gradient test compares the closed form with finite differences of the forward."
             " The central quotient is exact to second order; a one-sided quotient only to"
-            " first ($h f''/2$). With each evaluation of $f$ within $\\epsilon$ (its rounding)"
+            " first ($h f''/2$). Combining two steps (Richardson) cancels the $h^2$ term. With"
+            " each evaluation of $f$ within $\\epsilon$ (its rounding)"
             " the quotient is further off by up to $\\epsilon / h$, so the total is"
             " $h^2 M/6 + \\epsilon/h$ with $M \\ge |f'''|$ near $x$, least at"
-            " $h = (3\\epsilon/M)^{1/3}$."
+            " $h = (3\\epsilon/M)^{1/3}$, where it is still of order $\\epsilon^{2/3}$: a check"
+            " that differences a float64 forward keeps about two thirds of its digits."
         ),
         derivation=_central_difference,
         references=(_NOCEDAL,),
