@@ -66,6 +66,7 @@ work partitioning, ICLR 2024, arXiv:2307.08691.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ from attnspec.reference.inputs import as_array, as_real_float64
 
 __all__ = [
     "State",
+    "blocked_sdpa",
     "empty_state",
     "finalize",
     "merge",
@@ -464,38 +466,53 @@ def _merge_fast(oa: F64, la: F64, ob: F64, lb: F64) -> tuple[F64, F64]:
         # lo = -inf, so hi + 0 = hi exactly; +inf with a finite lo: 0)
         lse = hi + np.log1p(_factor(lo, hi))
         lse = np.where(hi == np.inf, np.inf, lse)
-        wa, wb = _factor(la, lse), _factor(lb, lse)
-        carry_a = (la > -np.inf) & _kept(la, lse)
-        carry_b = (lb > -np.inf) & _kept(lb, lse)
-        # a non-finite output of a part that carries weight passes as it is (its weight is
-        # positive, however small: w * inf would be NaN where w underflows to 0)
-        ca = np.where(np.isfinite(oa), wa[..., None] * oa, oa)
-        cb = np.where(np.isfinite(ob), wb[..., None] * ob, ob)
-        o = np.where(
-            carry_b[..., None],
-            np.where(carry_a[..., None], ca + cb, cb),
-            np.where(carry_a[..., None], ca, 0.0),
-        )
-    nan_rows = np.isnan(lse)
-    return np.where(nan_rows[..., None], np.nan, o), lse
+        wa, wb = _factor(la, lse)[..., None], _factor(lb, lse)[..., None]
+        ca, cb = wa * oa, wb * ob
+    return _combine(oa, la, ob, lb, lse, ca, cb, None)
 
 
 def _merge_accurate(oa: F64, la: F64, ob: F64, lb: F64) -> tuple[F64, F64]:
-    """The merge as attention over two keys (logits the lse, values the outputs), by the
-    definition at precision="accurate": one query, scale 0, the lse as a bias."""
-    from attnspec.reference.attention import sdpa
+    r""":func:`merge_partials` accurately: the weights and the lse of the two logits
+    :math:`\ell_A, \ell_B` by the definition's softmax at precision="accurate" (each within
+    one ulp), the weighted sum from exact products and one exact sum, rounded once
+    (TwoProduct, TwoSum): within :math:`3u \sum_X w_X |o_X|` and a few :math:`\eta` (where
+    a product is beyond :math:`2^{996}`, Dekker's split overflows: the rounded products and
+    their rounded sum, :math:`4u`)."""
+    from attnspec.reference.eft import two_prod, two_sum
+    from attnspec.reference.softmax import logsumexp, softmax
 
-    rows = la.shape
-    out, lse = sdpa(
-        np.zeros((*rows, 1, 1, 1)),
-        np.zeros((1, 2, 1)),
-        np.stack([oa, ob], axis=-2)[..., None, :, :],
-        bias=np.stack([la, lb], axis=-1)[..., None, None, :],
-        scale=0.0,
-        return_lse=True,
-        precision="accurate",
-    )
-    return out[..., 0, 0, :], lse[..., 0, 0]
+    x = np.stack([la, lb], axis=-1)
+    w = softmax(x, precision="accurate")
+    lse = logsumexp(x, precision="accurate")
+    with np.errstate(invalid="ignore", over="ignore"):
+        pa, ea = two_prod(np.broadcast_to(w[..., :1], oa.shape), oa)
+        pb, eb = two_prod(np.broadcast_to(w[..., 1:], ob.shape), ob)
+        total, err = two_sum(pa, pb)
+        both = total + (err + (ea + eb))
+    return _combine(oa, la, ob, lb, lse, pa, pb, both)
+
+
+def _combine(
+    oa: F64, la: F64, ob: F64, lb: F64, lse: F64, ca: F64, cb: F64, both: F64 | None
+) -> tuple[F64, F64]:
+    """The merged output from the weighted parts ``ca = w_a o_a``, ``cb = w_b o_b`` (and
+    their sum ``both`` where it is computed otherwise than ``ca + cb``), with the special
+    rules: a part with nothing visible (lse -inf) or outweighed by +inf logits adds
+    nothing, whatever its output holds; a non-finite output of a part that carries weight
+    passes as it is (its weight is positive, however small: w * inf would be NaN where w
+    underflows to 0); a NaN lse makes the row NaN."""
+    carry_a = ((la > -np.inf) & _kept(la, lse))[..., None]
+    carry_b = ((lb > -np.inf) & _kept(lb, lse))[..., None]
+    ca = np.where(np.isfinite(oa), ca, oa)
+    cb = np.where(np.isfinite(ob), cb, ob)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sum_ab = ca + cb
+        if both is not None:
+            # the exact products' sum where it is finite (Dekker's split overflows beyond
+            # 2**996: there the rounded products' sum, within 2u more)
+            sum_ab = np.where(np.isfinite(both), both, sum_ab)
+    o = np.where(carry_b, np.where(carry_a, sum_ab, cb), np.where(carry_a, ca, 0.0))
+    return np.where(np.isnan(lse)[..., None], np.nan, o), lse
 
 
 def _check_parts(parts: object, n_keys: int) -> tuple[tuple[int, ...], ...]:
@@ -575,7 +592,8 @@ def split_sdpa(
         One of ``block_keys`` and ``parts`` is required.
     tree : int or nested pairs, optional
         The merge tree over the parts (leaves ``0 .. len(parts) - 1``, each once);
-        default: the left fold ``((0, 1), 2), ...``.
+        default: the balanced tree ``((0, 1), (2, 3)), ...`` (the merges of each level in
+        one call).
     precision : {"fast", "accurate"}
         Of the partials and of the merges.
 
@@ -584,7 +602,7 @@ def split_sdpa(
     What :func:`attnspec.sdpa` returns. In real arithmetic the same values, for every
     partition and tree (``spec/derivations/online.py``, claim ``online-any-partition``).
     """
-    from attnspec.reference.attention import SdpaOptions, sdpa
+    from attnspec.reference.attention import SdpaOptions
 
     opts = SdpaOptions.from_kwargs(options)
     k64 = as_real_float64(k, "k")
@@ -599,30 +617,305 @@ def split_sdpa(
     if (block_keys is None) == (parts is None):
         raise ValueError("give exactly one of block_keys= and parts=")
     cut = _block_parts(n_k, block_keys) if parts is None else _check_parts(parts, n_k)
-    order: object = tree
-    if order is None:
-        order = 0
-        for i in range(1, len(cut)):
-            order = (order, i)
-    _check_tree(order, len(cut))
+    if tree is not None:
+        _check_tree(tree, len(cut))
     sinks = opts.sinks
     base = opts.replace(sinks=None, return_lse=True)
-    keys = np.arange(n_k)
 
-    def partial(part: tuple[int, ...]) -> tuple[F64, F64]:
-        inside = np.isin(keys, np.asarray(part, dtype=np.int64))
-        mask = inside if user_mask is None else (user_mask & inside)
-        out, lse = sdpa(q, k, v, precision=precision, **base.replace(mask=mask).as_kwargs())
-        return out, lse
+    leaves = _partials(q, k, v, cut, base, user_mask, precision)
 
     def fold(t: Any) -> tuple[F64, F64]:
         if isinstance(t, int | np.integer):
-            return partial(cut[int(t)])
+            return leaves[int(t)]
         (oa, la), (ob, lb) = fold(t[0]), fold(t[1])
         return merge_partials(oa, la, ob, lb, precision=precision)
 
-    out, lse = fold(order)
+    if tree is not None:
+        out, lse = fold(tree)
+    else:
+        # the balanced tree ((0, 1), (2, 3)), ...: the pairs of each level in one call
+        level = leaves
+        while len(level) > 1:
+            pairs = len(level) // 2
+            a = [level[2 * i] for i in range(pairs)]
+            b = [level[2 * i + 1] for i in range(pairs)]
+            o_m, l_m = merge_partials(
+                np.stack([x[0] for x in a]),
+                np.stack([x[1] for x in a]),
+                np.stack([x[0] for x in b]),
+                np.stack([x[1] for x in b]),
+                precision=precision,
+            )
+            merged = [(o_m[i], l_m[i]) for i in range(pairs)]
+            level = merged + ([level[-1]] if len(level) % 2 else [])
+        out, lse = level[0]
     if sinks is not None:
         sig = np.broadcast_to(as_real_float64(sinks, "sinks")[..., None], lse.shape)
         out, lse = merge_partials(out, lse, np.zeros_like(out), sig, precision=precision)
+    return (out, lse) if opts.return_lse else out
+
+
+#: logits (..., L, S) of the partials evaluated in one call of the definition
+_PARTIAL_ELEMENTS = 1 << 22
+
+
+def _partials(
+    q: Any,
+    k: Any,
+    v: Any,
+    cut: tuple[tuple[int, ...], ...],
+    base: Any,
+    user_mask: Bool | None,
+    precision: str,
+) -> list[tuple[F64, F64]]:
+    """The partial (o_X, lse_X) of each part: the definition with the mask restricted to
+    the part. The parts are stacked on a new leading batch axis and evaluated a chunk of
+    parts per call (q, k, v broadcast along it, no copy)."""
+    from attnspec.reference.attention import sdpa
+
+    arrays = [as_real_float64(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    two_d = all(a.ndim == 2 for a in arrays)
+    if not two_d and min(a.ndim for a in arrays) < 3:
+        sdpa(q, k, v, **base.as_kwargs())  # the definition refuses the shapes, naming them
+    if two_d:
+        arrays = [a[None] for a in arrays]
+    rank = max(a.ndim for a in arrays)
+    arrays = [a.reshape((1,) * (rank - a.ndim) + a.shape) for a in arrays]
+    n_k = arrays[1].shape[-2]
+    inside = np.zeros((len(cut), n_k), dtype=bool)
+    for i, part in enumerate(cut):
+        inside[i, list(part)] = True
+    size = np.prod(np.broadcast_shapes(*(a.shape[:-3] for a in arrays)), dtype=np.float64)
+    size *= arrays[0].shape[-3] * arrays[0].shape[-2] * max(n_k, 1)
+    chunk = max(1, int(_PARTIAL_ELEMENTS // max(size, 1.0)))
+    out: list[tuple[F64, F64]] = []
+    for start in range(0, len(cut), chunk):
+        rows = inside[start : start + chunk]
+        p = rows.shape[0]
+        mask = rows.reshape((p,) + (1,) * (rank - 1) + (n_k,))
+        if user_mask is not None:
+            mask = mask & user_mask
+        qq, kk, vv = (np.broadcast_to(a[None], (p, *a.shape)) for a in arrays)
+        o, lse = sdpa(qq, kk, vv, precision=precision, **base.replace(mask=mask).as_kwargs())
+        for i in range(p):
+            out.append((o[i, 0], lse[i, 0]) if two_d else (o[i], lse[i]))
+    return out
+
+
+def _per_head(value: object, name: str, heads: tuple[int, ...]) -> F64:
+    arr = as_real_float64(value, name)
+    try:
+        ok = np.broadcast_shapes(arr.shape, heads) == heads
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} with shape {arr.shape} does not broadcast to (..., Hq) = {heads}")
+    return arr
+
+
+def _logit_array(value: object, name: str, shape: tuple[int, ...], kind: str) -> Any:
+    arr = as_array(value, name)
+    if kind == "bool" and arr.dtype != np.bool_:
+        meaning = "keep" if name == "dropout_mask" else "may attend"
+        raise TypeError(f"{name} must be a bool array (True = {meaning}), got dtype {arr.dtype}")
+    if kind == "real":
+        arr = as_real_float64(arr, name)
+    try:
+        ok = np.broadcast_shapes(arr.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} with shape {arr.shape} does not broadcast to (..., Hq, L, S) = {shape}"
+        )
+    return arr
+
+
+def _rows_cols(a: Any, rows: tuple[int, int], cols: tuple[int, int]) -> Any:
+    """The block ``rows x cols`` of a (..., L, S) array (sides of 1 kept: broadcast)."""
+    if a is None:
+        return None
+    if a.ndim < 2:
+        a = a.reshape((1,) * (2 - a.ndim) + a.shape)
+    r = slice(*rows) if a.shape[-2] != 1 else slice(None)
+    c = slice(*cols) if a.shape[-1] != 1 else slice(None)
+    return a[..., r, c]
+
+
+def blocked_sdpa(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    *,
+    block_keys: int,
+    block_queries: int | None = None,
+    order: Any = None,
+    **options: Any,
+) -> Any:
+    r"""Scaled dot-product attention walking blocks of keys: FlashAttention-2 in float64.
+
+    For each block of query rows, the state (:class:`State`) starts empty and every block
+    of ``block_keys`` keys is folded in with :func:`update`: its logits (steps 1-4 of the
+    definition in plain float64: :math:`\tau\, q \cdot k`, softcap, bias and ALiBi,
+    visibility from mask, causal, window and a bias of :math:`-\infty`), its values and
+    its keep-mask; the sink is folded in once (:func:`with_sink`) and :func:`finalize`
+    gives the output and lse. The logits of a block are never more than
+    ``block_queries x block_keys`` per head.
+
+    Parameters
+    ----------
+    q, k, v, **options
+        As for :func:`attnspec.sdpa` (but ``precision``; ``return_lse`` included).
+    block_keys : int
+        Keys per block (>= 1); the last block may be shorter.
+    block_queries : int, optional
+        Query rows per block (default: about :math:`2^{20}` logits per block).
+    order : sequence of ints, optional
+        The order in which the key blocks are folded (a permutation of
+        ``0 .. ceil(S / block_keys) - 1``); default ascending.
+
+    Returns
+    -------
+    What :func:`attnspec.sdpa` returns; within
+    :func:`attnspec.spec.tolerances.online.online_sdpa_bound` of the exact values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attnspec.reference.online import blocked_sdpa
+    >>> q, k = np.ones((2, 2)), np.ones((4, 2))
+    >>> v = np.array([[1.0], [2.0], [3.0], [6.0]])
+    >>> blocked_sdpa(q, k, v, block_keys=3, scale=0.0)  # scale 0: the mean, 3 (exact)
+    array([[3.],
+           [3.]])
+    >>> blocked_sdpa(q, k, v, block_keys=1, causal=True, align="top_left")[:, 0].tolist()
+    [1.0, 1.5]
+    """
+    from attnspec.reference.attention import SdpaOptions
+    from attnspec.reference.visibility import alignment_offset, relative_position, visible
+
+    opts = SdpaOptions.from_kwargs(options)
+    q64, k64, v64 = (as_real_float64(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    two_d = q64.ndim == 2 and k64.ndim == 2 and v64.ndim == 2
+    if two_d:
+        q64, k64, v64 = q64[None], k64[None], v64[None]
+    for name, arr, letters in (
+        ("q", q64, "(..., Hq, L, E)"),
+        ("k", k64, "(..., Hkv, S, E)"),
+        ("v", v64, "(..., Hkv, S, Ev)"),
+    ):
+        if arr.ndim < 3:
+            raise ValueError(
+                f"{name} must have shape {letters} (at least 3 dimensions, or q, k, v all "
+                f"2-D for one head), got shape {arr.shape}"
+            )
+    hq, n_q, width = q64.shape[-3:]
+    hkv, n_k, width_k = k64.shape[-3:]
+    if width_k != width or v64.shape[-3:-1] != (hkv, n_k) or hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"q {q64.shape}, k {k64.shape} and v {v64.shape} do not fit (..., Hq, L, E), "
+            "(..., Hkv, S, E), (..., Hkv, S, Ev) with Hq a multiple of Hkv"
+        )
+    try:
+        batch = np.broadcast_shapes(q64.shape[:-3], k64.shape[:-3], v64.shape[:-3])
+    except ValueError:
+        raise ValueError(
+            f"the leading (batch) dimensions of q {q64.shape}, k {k64.shape} and v "
+            f"{v64.shape} do not broadcast"
+        ) from None
+    if isinstance(block_keys, bool) or not isinstance(block_keys, int | np.integer):
+        raise TypeError(f"block_keys must be an int >= 1, got {block_keys!r}")
+    if block_keys < 1:
+        raise ValueError(f"block_keys must be >= 1 (keys per block), got {block_keys}")
+    shape = (*batch, hq, n_q, n_k)
+    if opts.scale is None and width == 0:
+        raise ValueError("scale=None needs E > 0 (the default is 1/sqrt(E)); pass scale=")
+    tau = 1.0 / math.sqrt(width) if opts.scale is None else opts.scale
+    mask = None if opts.mask is None else _logit_array(opts.mask, "mask", shape, "bool")
+    keep = (
+        None
+        if opts.dropout_mask is None
+        else _logit_array(opts.dropout_mask, "dropout_mask", shape, "bool")
+    )
+    bias = None if opts.bias is None else _logit_array(opts.bias, "bias", shape, "real")
+    heads = (*batch, hq)
+    slopes = (
+        None if opts.alibi_slopes is None else _per_head(opts.alibi_slopes, "alibi_slopes", heads)
+    )
+    if slopes is not None and not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes must be finite")
+    sinks = None if opts.sinks is None else _per_head(opts.sinks, "sinks", heads)
+    needs = [
+        n
+        for n, on in (
+            ("causal", opts.causal),
+            ("window", opts.window is not None),
+            ("alibi_slopes", slopes is not None),
+        )
+        if on
+    ]
+    offset = alignment_offset(n_q, n_k, opts.align, needed_by=" and ".join(needs)) if needs else 0
+    n_blocks = max(1, -(-n_k // int(block_keys)))
+    walk = list(range(n_blocks)) if order is None else [int(i) for i in order]
+    if sorted(walk) != list(range(n_blocks)):
+        raise ValueError(
+            f"order must be a permutation of the {n_blocks} key blocks 0..{n_blocks - 1}, "
+            f"got {order!r}"
+        )
+    if hq != hkv:  # query head h reads kv head h // G
+        k64 = np.repeat(k64, hq // hkv, axis=-3)
+        v64 = np.repeat(v64, hq // hkv, axis=-3)
+    per_row = max(1, int(np.prod(heads, dtype=np.int64)) * min(int(block_keys), max(n_k, 1)))
+    rows_per_block = max(1, (1 << 20) // per_row) if block_queries is None else int(block_queries)
+    if rows_per_block < 1:
+        raise ValueError(f"block_queries must be >= 1, got {block_queries}")
+    kt = np.swapaxes(k64, -1, -2)
+    width_v = v64.shape[-1]
+    outs, lses = [], []
+    for r0 in range(0, max(n_q, 1), rows_per_block):
+        r1 = min(n_q, r0 + rows_per_block)
+        state = empty_state((*batch, hq, r1 - r0), width_v)
+        qb = q64[..., r0:r1, :]
+        for blk in walk:
+            c0, c1 = blk * int(block_keys), min(n_k, (blk + 1) * int(block_keys))
+            if c1 <= c0:
+                continue
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = np.matmul(qb, kt[..., c0:c1]) * tau  # 1. tau q.k
+                if opts.softcap is not None:  # 2. c tanh(s / c)
+                    s = opts.softcap * np.tanh(s / opts.softcap)
+                b_blk = _rows_cols(bias, (r0, r1), (c0, c1))
+                if b_blk is not None:  # 3. bias and ALiBi
+                    s = s + b_blk
+                if slopes is not None:
+                    dist = np.abs(relative_position(n_q, n_k, offset, (r0, r1))[:, c0:c1])
+                    s = s - slopes[..., None, None] * dist.astype(np.float64)
+            # 4. visibility: mask, causal, window, a bias of -inf
+            seen = visible(
+                n_q, n_k, causal=bool(opts.causal), window=opts.window, offset=offset, rows=(r0, r1)
+            )
+            seen = None if seen is None else seen[:, c0:c1]
+            m_blk = _rows_cols(mask, (r0, r1), (c0, c1))
+            if m_blk is not None:
+                seen = m_blk if seen is None else (m_blk & seen)
+            if b_blk is not None:
+                shown = b_blk != -np.inf
+                seen = shown if seen is None else (seen & shown)
+            s = np.broadcast_to(s, (*batch, hq, r1 - r0, c1 - c0))
+            state = update(
+                state,
+                s,
+                v64[..., c0:c1, :],
+                visible=seen,
+                keep=_rows_cols(keep, (r0, r1), (c0, c1)),
+            )
+        if sinks is not None:
+            state = with_sink(state, np.broadcast_to(sinks[..., None], state.rows))
+        o_blk, l_blk = finalize(state, dropout_p=opts.dropout_p)
+        outs.append(o_blk)
+        lses.append(l_blk)
+    out = np.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
+    lse = np.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
+    if two_d:
+        out, lse = out[0], lse[0]
     return (out, lse) if opts.return_lse else out
