@@ -8,11 +8,6 @@ with the worst entry, the bound it broke and a call that reproduces it.
 
 #: claims of attnspec.spec.derivations that no property tests on an implementation, and why
 SYMBOLIC_ONLY: dict[str, str] = {
-    "grad-lse": "a gradient: checked on implementations with the backward pass (issue 9)",
-    "jacobian": "a gradient: checked on implementations with the backward pass (issue 9)",
-    "jacobian-psd": "a gradient: checked on implementations with the backward pass (issue 9)",
-    "log-softmax-derivative": "a gradient: checked with the backward pass (issue 9)",
-    "jacobian-inf-norm": "a gradient bound: checked with the backward pass (issue 9)",
     "temperature-zero": "a limit in a parameter that no implementation takes",
     "temperature-infinity": "a limit in a parameter that no implementation takes",
 }
