@@ -319,7 +319,7 @@ def _textbook(defect: str | None = None) -> Callable[..., SdpaGradients]:
             big_d = np.sum(dout * o_for_d, axis=-1, keepdims=True)
             if defect == "no -D":
                 big_d = np.zeros_like(big_d)
-            dl = 0.0
+            dl: Any = 0.0
             if dlse is not None and defect != "dlse ignored":
                 dl = np.asarray(dlse, dtype=np.float64)[..., None]
             dz = np.where(seen, p * (dp - big_d + dl), 0.0)

@@ -189,7 +189,7 @@ class BackwardImpl(Implementation):
         fn = getattr(self, kind)
         if fn is None:
             raise ValueError(f"{self.name} has no {kind}")
-        return fn  # type: ignore[no-any-return]
+        return fn
 
     def forward(self) -> AttentionImpl:
         """The forward as an :class:`~attnspec.spec.properties.attention.AttentionImpl`
@@ -336,7 +336,7 @@ def gradient_bounds(impl: BackwardImpl, bc: BackwardCase) -> dict[str, F64]:
         else:
             bounds = _fast_bound(bc)
             if impl.accuracy != "fast":
-                c = float(impl.accuracy)  # type: ignore[arg-type]
+                c = float(impl.accuracy)
                 bounds = {name: c * b for name, b in bounds.items()}
     return {name: np.where(np.isnan(b), np.inf, b) for name, b in bounds.items()}
 
@@ -743,10 +743,10 @@ def check_dz_rows(impl: BackwardImpl, bc: BackwardCase) -> None:
     ds, b_s = got.dsinks, np.broadcast_to(bounds["dsinks"], np.shape(sinks))
     heads = () if _two_d(bc.case) else (shape[-3],)
     for h in np.ndindex(heads):
-        at = (..., *h, slice(None), slice(None))
-        total = _exact_sum(dz[at]) + Fraction(float(ds[h]))
+        head: tuple[Any, ...] = (..., *h, slice(None), slice(None))
+        total = _exact_sum(dz[head]) + Fraction(float(ds[h]))
         want = _exact_sum(dl[(..., *h, slice(None))])
-        allowed = Fraction(float(_SO * (np.sum(b_z[at]) + b_s[h])))
+        allowed = Fraction(float(_SO * (np.sum(b_z[head]) + b_s[h])))
         if abs(total - want) > allowed:
             _fail(
                 impl,
@@ -859,7 +859,7 @@ def _check_permuted(
         axis = axes.get(name)
         bound2 = np.broadcast_to(b2[name], a.shape)
         if axis is not None:
-            a, bound2 = _permuted(a, axis, inv), _permuted(bound2, axis, inv)
+            a, bound2 = _permuted(a, axis, inv), np.asarray(_permuted(bound2, axis, inv))
         _compare(impl, moved, f"{name} {what}", a, b, b1[name] + bound2)
 
 
@@ -984,7 +984,7 @@ def check_key_shift(impl: BackwardImpl, bc: BackwardCase, shift: Any = None) -> 
             full["dbias"] = dz
     extra = {name: _SO * x for name, x in _layout_to_inputs(bq, full).items()}
     names = tuple(n for n in ("dq", "dk", "dv", "dbias") if n in extra)
-    allowed = {name: b1[name] + b2[name] + extra[name] for name in names}
+    allowed: dict[str, Any] = {name: b1[name] + b2[name] + extra[name] for name in names}
     _compare_all(impl, moved, "with every key shifted", g2, g1, allowed, names)
 
 
@@ -1658,21 +1658,23 @@ def check_jacobian_inf_norm(impl: BackwardImpl, fc: FamilyGradCase) -> None:
     y2 = sl.exact("softmax_jvp", s_rows)
     b2 = sl.bound("softmax_jvp", s_rows, y2)
     with mpmath.workdps(_DPS):
-        for r, i in enumerate(top):
-            if i is None:
+        for r, top_i in enumerate(top):
+            if top_i is None:
                 continue
-            p = sl.p_exact[r, i]
+            p = sl.p_exact[r, top_i]
             want = 2 * p * (1 - p)
-            err = abs_error(float(c2[r, i]), want)
+            err = abs_error(float(c2[r, top_i]), want)
             if not (
-                err <= mpmath.mpf(float(b2[r, i])) and float(c2[r, i]) <= 0.5 + float(b2[r, i])
+                err <= mpmath.mpf(float(b2[r, top_i]))
+                and float(c2[r, top_i]) <= 0.5 + float(b2[r, top_i])
             ):
                 sl.fail(
                     "softmax_jvp",
                     s,
-                    f"softmax_jvp(x, 2e_i - 1) at {sl.lay.index(r, i)} is {float(c2[r, i])!r}, "
+                    f"softmax_jvp(x, 2e_i - 1) at {sl.lay.index(r, top_i)} is "
+                    f"{float(c2[r, top_i])!r}, "
                     f"the row sum of |J| 2 p_i (1 - p_i) = {mpmath.nstr(want, 17)} (<= 1/2): "
-                    f"error {float(err):.3g} > bound {float(b2[r, i]):.3g}",
+                    f"error {float(err):.3g} > bound {float(b2[r, top_i]):.3g}",
                 )
 
 
