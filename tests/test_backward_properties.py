@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import Phase, example, find, given, settings
+from hypothesis import Phase, assume, example, find, given, settings
 from hypothesis.errors import InvalidArgument
 
 import attnspec
@@ -43,12 +43,7 @@ impl_param = pytest.mark.parametrize("impl", list(IMPLS.values()), ids=list(IMPL
 #: examples per test: the profile's, at most 6 (16 properties x 3 arithmetics, each
 #: example several exact evaluations; the file must stay under ~40 s on 2 cores)
 FEW = settings(max_examples=min(settings().max_examples, 6))
-#: the values_huge regime is left out until the accurate path's issue is fixed (see
-#: test_accurate_dk_with_values_near_1e300, a strict xfail that says when)
-_MAGS = ("moderate", "wide", "offset1e6", "scaled1e150", "tiny_qk", "values_tiny")
-cases = backward_cases(max_side=3, max_width=3).filter(
-    lambda bc: not (np.abs(np.where(np.isfinite(bc.v), bc.v, 0.0)) > 1e200).any()
-)
+cases = backward_cases(max_side=3, max_width=3)
 family = family_grad_cases(max_side=4)
 
 _RNG = np.random.default_rng(20261126)
@@ -95,6 +90,10 @@ SPECIAL = {
     ),
     "2-D with a sink": _b(_Q[0, 0], _K[0, 0], _V[0, 0], _DO[0, 0], None, sinks=np.array(0.25)),
 }
+
+
+def _values_near_1e300(bc: BackwardCase) -> bool:
+    return bool((np.abs(np.where(np.isfinite(bc.v), bc.v, 0.0)) > 1e299).any())
 
 
 def with_special_examples(test: Callable[..., None]) -> Callable[..., None]:
@@ -150,6 +149,8 @@ def _property_test(name: str) -> Callable[..., None]:
     @given(bc=cases)
     @with_special_examples
     def test(impl: BP.BackwardImpl, bc: BackwardCase) -> None:
+        # the accurate path's values_huge issue: see test_accurate_dk_with_values_near_1e300
+        assume(impl is not IMPLS["accurate"] or not _values_near_1e300(bc))
         check(impl, bc)
 
     test.__name__ = f"test_{name}"
@@ -188,7 +189,7 @@ def test_every_property_has_a_test() -> None:
     strict=True,
     reason="accurate sdpa_backward loses 8 digits of dK with values near 1e300 (found by "
     "check_agreement; reported to the lead): when it is fixed, remove this xfail and the "
-    "values_huge filter of `cases` above",
+    "assume() in _property_test",
 )
 def test_accurate_dk_with_values_near_1e300() -> None:
     # dk[0] is -3.932238625048916e+299, attnspec.exact (50 digits) -3.93223866482963e+299:

@@ -1215,7 +1215,7 @@ def check_central_differences(impl: BackwardImpl, bc: BackwardCase, dps: int | N
         if case.kwargs.get(key) is not None:
             arrays[key] = np.asarray(case.kwargs[key], dtype=np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        out_mag = np.abs(_forward_plain(case))
+        out_plain, lse_plain = _forward_plain(case)
     for seed, (name, x) in enumerate(arrays.items()):
         # the step: at most 2**-40 / m_1 (logits move by at most 2**-40), so that the
         # truncation stays far below the claimed bounds
@@ -1230,7 +1230,7 @@ def check_central_differences(impl: BackwardImpl, bc: BackwardCase, dps: int | N
             allowed_b = float(_SO * np.sum(np.where(d != 0, bound, 0.0)))
         h = math.ldexp(1.0, e)
         trunc = _truncation(bq, case, name, d, bc.dlse, h)
-        digits = dps if dps is not None else _digits_needed(bc, out_mag, h, allowed_b)
+        digits = dps if dps is not None else _digits_needed(bc, out_plain, lse_plain, h, allowed_b)
         phi_p, err_p = _loss(_stepped(bc, name, x + h * d), digits)
         phi_m, err_m = _loss(_stepped(bc, name, x - h * d), digits)
         with mpmath.workprec(2300):
@@ -1259,29 +1259,33 @@ def check_central_differences(impl: BackwardImpl, bc: BackwardCase, dps: int | N
                 )
 
 
-def _forward_plain(case: AttentionCase) -> F64:
-    """The float64 forward (attnspec, fast): magnitudes for choosing digits only."""
+def _forward_plain(case: AttentionCase) -> tuple[F64, F64]:
+    """The float64 forward (attnspec, fast) and its lse: magnitudes for choosing digits
+    only."""
     import attnspec
 
-    out = attnspec.sdpa(case.q, case.k, case.v, precision="fast", **case.kwargs)
-    return np.asarray(out, dtype=np.float64)
+    out, lse = attnspec.sdpa(
+        case.q, case.k, case.v, precision="fast", return_lse=True, **case.kwargs
+    )
+    return np.asarray(out, dtype=np.float64), np.asarray(lse, dtype=np.float64)
 
 
-def _digits_needed(bc: BackwardCase, out_mag: F64, h: float, allowed: float) -> int:
+def _digits_needed(bc: BackwardCase, out: F64, lse: F64, h: float, allowed: float) -> int:
     r"""Digits for the exact evaluations so that their error over :math:`2h` is below
-    :math:`2^{-20}` of ``allowed``: the loss's terms are at most :math:`\sum|dO|(|O| + 1)
-    + \sum |d\ell|(|\ell| + \dots)`, estimated generously (the lse by its range bound
-    :math:`|\ell| \le 2000` for the drawn magnitudes; a wrong estimate only loosens the
-    check through :func:`_loss`'s own error bound, which is exact)."""
+    :math:`2^{-20}` of ``allowed``: the loss's terms are estimated from the float64
+    forward, :math:`\sum|dO|(|O| + 1) + \sum|d\ell|(|\ell| + 1)`, at most 1200 digits
+    (an estimate only: :func:`_loss` bounds the error actually made, and the check allows
+    it)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        mag = float(np.sum(np.abs(bc.dout) * (np.where(np.isfinite(out_mag), out_mag, 0.0) + 1)))
+        mag = float(np.sum(np.abs(bc.dout) * (np.where(np.isfinite(out), np.abs(out), 0.0) + 1)))
         if bc.dlse is not None:
-            mag += float(np.sum(np.abs(bc.dlse))) * 2000.0
+            finite_lse = np.where(np.isfinite(lse), np.abs(lse), 0.0)
+            mag += float(np.sum(np.abs(bc.dlse) * (finite_lse + 1)))
     mag = max(mag, 1.0)
     target = max(allowed, ETA) * 2.0**-20 * h
     if not (target > 0 and math.isfinite(mag)):
         return 400
-    need = math.log10(mag) - math.log10(target) if target > 0 else 400
+    need = math.log10(mag) - math.log10(target)
     return int(min(max(_DPS, math.ceil(need) + 5), 1200))
 
 
