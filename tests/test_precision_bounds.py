@@ -748,8 +748,8 @@ def _tables() -> str:  # pragma: no cover - run by hand: python tests/test_preci
     out += ["", "| bug | dtype | derived | empirical |", "|---|---|---|---|"]
     for bug, (_, dts, _) in BUGS.items():
         for dt in dts:
-            d, e = bug_ratio(bug, dt)
-            out.append(f"| {bug} | {dt} | {d:.3g} | {e:.3g} |")
+            derived, emp = bug_ratio(bug, dt)
+            out.append(f"| {bug} | {dt} | {derived:.3g} | {emp:.3g} |")
     return "\n".join(out)
 
 
