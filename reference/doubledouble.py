@@ -471,6 +471,29 @@ def _pool_only_refs() -> int:
 _POOL_ONLY_REFS = _pool_only_refs()
 
 
+def _huge_product_error(a: DD, b: DD, where: npt.NDArray[np.bool_]) -> F64:
+    r"""The low part of :math:`a b` where an operand is at least :math:`2^{995}` (the
+    Veltkamp split of :func:`two_prod` overflows there) and the product is finite: the
+    TwoProduct of the operands scaled by :math:`2^{-64}` each where they are that large
+    (exact: a power of two), its error term scaled back, plus the cross terms. Exact
+    unless the scaled error term is subnormal, which needs :math:`|ab| < 2^{-840}`."""
+    shape = np.broadcast_shapes(np.shape(a.hi), np.shape(b.hi))
+    ah = np.broadcast_to(a.hi, shape)[where]
+    bh = np.broadcast_to(b.hi, shape)[where]
+    sa = np.where(np.abs(ah) >= 2.0**995, -64, 0)
+    sb = np.where(np.abs(bh) >= 2.0**995, -64, 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, e = two_prod(np.ldexp(ah, sa), np.ldexp(bh, sb))
+        e = np.ldexp(e, -(sa + sb))
+        if a.lo is not None or b.lo is not None:
+            al = np.broadcast_to(_lo(a), shape)[where]
+            bl = np.broadcast_to(_lo(b), shape)[where]
+            e = e + (ah * bl + al * bh)
+    out = np.zeros(shape)
+    out[where] = np.where(np.isfinite(e), e, 0.0)
+    return out
+
+
 class Scratch:
     """Reusable temporaries, by name and shape: the bulk operations write their
     intermediate arrays here instead of allocating (fresh allocations of a few hundred
@@ -1052,9 +1075,12 @@ class DoubleDouble:
 
     def mul(self, a: DD, b: DD) -> DD:
         r"""``a * b``: TwoProduct of the high parts plus the cross terms (:func:`dd_mul`'s
-        bound, about :math:`5u^2` relative). Where the error term is not finite (inf or
-        NaN operands, :math:`|a|` or :math:`|b| \ge 2^{995}`) the plain float64 product is
-        kept with ``lo = 0``; inf * 0 = NaN is the IEEE answer the definition relies on.
+        bound, about :math:`5u^2` relative). An operand with :math:`|a| \ge 2^{995}` (where
+        the splitting overflows) is scaled by :math:`2^{-64}` for the TwoProduct, which is
+        then exact again (:func:`_huge_product_error`). Where the error term is not finite
+        for other reasons (inf or NaN operands, a product that overflows) the plain float64
+        product is kept with ``lo = 0``; inf * 0 = NaN is the IEEE answer the definition
+        relies on.
 
         Weights (:class:`Weights`) times a number of moderate size (:func:`_tiny_times`:
         the dropout keep-mask) keep their scaled part, multiplied alike; the product of
@@ -1082,6 +1108,9 @@ class DoubleDouble:
         bad = ~np.isfinite(e)
         if bad.any():
             e = np.where(bad, 0.0, e)
+            huge = bad & np.isfinite(p) & (p != 0)
+            if huge.any():
+                e = np.where(huge, _huge_product_error(a, b, huge), e)
         return DD(p, e)
 
     def tanh(self, a: DD) -> DD:

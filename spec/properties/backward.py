@@ -322,41 +322,19 @@ def gradients(impl: BackwardImpl, bc: BackwardCase) -> SdpaGradients:
 
 def gradient_bounds(impl: BackwardImpl, bc: BackwardCase) -> dict[str, F64]:
     """The bound ``impl`` claims on each gradient (module docstring), keyed ``dq`` ...
-    ``dsinks``, in the inputs' shapes."""
+    ``dsinks``, in the inputs' shapes; inf where a bound says nothing (it overflows)."""
     # the bounds depend on visible positions only: computed with 0 at the hidden ones
-    # (fast_backward_bound gives NaN through a softcap of NaN logits at hidden rows,
-    # reported to the lead)
     bc = bc.with_case(_poisoned(bc.case, 0.0))
     args = (bc.q, bc.k, bc.v, bc.dout, bc.dlse)
-    # where a bound overflows (logits of 1e150 have float64 errors beyond exp's range)
-    # it says nothing: inf, also where inf * 0 made it NaN (both reported to the lead)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        if impl.accuracy == "accurate":
+    if impl.accuracy == "accurate":
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             bounds = accurate_backward_bound(*args, **bc.kwargs)
-        else:
-            bounds = _fast_bound(bc)
-            if impl.accuracy != "fast":
-                c = float(impl.accuracy)
-                bounds = {name: c * b for name, b in bounds.items()}
-    return {name: np.where(np.isnan(b), np.inf, b) for name, b in bounds.items()}
-
-
-def _fast_bound(bc: BackwardCase) -> dict[str, F64]:
-    """:func:`~attnspec.spec.tolerances.backward.fast_backward_bound`; 2-D inputs as one
-    head (the same problem: fast_backward_bound raises a broadcasting ValueError on 2-D
-    inputs, reported to the lead)."""
-    if not _two_d(bc.case):
-        return fast_backward_bound(bc.q, bc.k, bc.v, bc.dout, bc.dlse, **bc.kwargs)
-    kw = dict(bc.kwargs)
-    for key in ("sinks", "alibi_slopes"):
-        if kw.get(key) is not None:
-            kw[key] = np.reshape(kw[key], (1,))
-    dlse = None if bc.dlse is None else bc.dlse[None]
-    bounds = fast_backward_bound(bc.q[None], bc.k[None], bc.v[None], bc.dout[None], dlse, **kw)
-    out = {name: (b[0] if name in ("dq", "dk", "dv") else b) for name, b in bounds.items()}
-    if "dsinks" in out:
-        out["dsinks"] = out["dsinks"].reshape(np.shape(bc.kwargs["sinks"]))
-    return out
+        return {name: np.where(np.isnan(b), np.inf, b) for name, b in bounds.items()}
+    bounds = fast_backward_bound(*args, **bc.kwargs)
+    if impl.accuracy != "fast":
+        c = float(impl.accuracy)
+        bounds = {name: c * b for name, b in bounds.items()}
+    return bounds
 
 
 def _forward(impl: BackwardImpl, case: AttentionCase) -> tuple[F64, F64 | None]:

@@ -312,12 +312,20 @@ def fast_backward_bound(
     The total is first order in :math:`u`; it is multiplied by ``SECOND_ORDER`` (1.01),
     which covers the second-order terms while every :math:`\rho_i, \gamma_n \le 2^{-20}`.
     """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        out = _fast_bounds(q, k, v, dout, dlse, kw)
+    # a bound that is not a number (inf * 0 where a relative error overflows) says nothing
+    return {name: np.where(np.isnan(b), np.inf, b) for name, b in out.items()}
+
+
+def _fast_bounds(
+    q: Any, k: Any, v: Any, dout: Any, dlse: Any, kw: dict[str, Any]
+) -> dict[str, F64]:
+    """The body of :func:`fast_backward_bound` (its warnings silenced by the caller)."""
     bq = quantities(q, k, v, dout, dlse, **kw)
     kw = {name: value for name, value in kw.items() if name not in ("precision", "return_lse")}
     data = logit_data(q, k, **kw)
-    rho = _fast_rho(data)  # (..., Hq, L)
-    if bq.two_d:
-        rho = rho[None]
+    rho = _fast_rho(data)  # (..., Hq, L); logit_data gives 2-D inputs their head axis
     rho = np.broadcast_to(rho[..., None], bq.big_d.shape)
     _, d_o = textbook_sdpa_bound(q, k, v, **kw)
     d_o = d_o[None] if bq.two_d else d_o
@@ -340,8 +348,9 @@ def fast_backward_bound(
     d_s, ds = d_z, dz
     if bq.capped is not None:
         cap = float(kw["softcap"])
-        eps = data.eps[None] if bq.two_d else data.eps
-        factor = np.clip(1 - (bq.capped / cap) ** 2, 0.0, 1.0)
+        eps = data.eps
+        # hidden positions (whose logits may be NaN) carry no gradient
+        factor = np.where(bq.seen, np.clip(1 - (bq.capped / cap) ** 2, 0.0, 1.0), 0.0)
         d_s = d_z * factor + dz * (2 * eps[..., None] / cap + gamma(4))
         ds = dz * factor
     tau = abs(bq.tau)
