@@ -4,7 +4,8 @@
     proves every SymPy derivation in :mod:`attnspec.spec.derivations` and runs the
     property battery (:mod:`attnspec.spec.battery`) on the reference in each
     arithmetic; prints one line per claim (claim, how it was checked, result, time)
-    and exits 1 if any failed. ``--thorough`` uses the ``thorough`` Hypothesis profile.
+    and exits 1 if any failed. ``--thorough`` uses the ``thorough`` Hypothesis profile;
+    ``--jobs 1`` runs everything in one process (default 2).
 ``attnspec docs``
     regenerates the generated parts of docs/ from spec/; ``--check`` only compares and
     exits 1 when they differ.
@@ -59,34 +60,79 @@ def _derivation_lines() -> list[Line]:
     return lines
 
 
-def _battery_lines(profile: str) -> list[Line]:
+#: the batteries, in the order of the report: (precision, topic)
+def _jobs() -> list[tuple[str, str]]:
+    from attnspec.spec import TOPICS
+
+    return [(precision, topic) for precision in ("accurate", "fast") for topic in TOPICS]
+
+
+def _battery_lines(
+    profile: str, jobs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], list[Line]]:
+    """Run the battery of each (precision, topic) on the reference; its lines, by job."""
     import importlib
 
     from hypothesis import settings
 
-    from attnspec.spec import TOPICS
     from attnspec.spec.battery import run_battery
     from attnspec.spec.profiles import load_profile
 
     load_profile(profile)
-    lines = []
-    for precision in ("accurate", "fast"):
-        results = []
-        for topic in TOPICS:
-            module = importlib.import_module(f"attnspec.spec.properties.{topic}")
-            impl = module.attnspec_implementation(precision)
-            results += [(impl.name, r) for r in run_battery(impl, settings())]
-        for name, result in results:
-            lines.append(
-                Line(
-                    f"{name}: {result.name}",
-                    result.description,
-                    result.passed,
-                    result.seconds,
-                    result.message or "",
-                )
+    out = {}
+    for precision, topic in jobs:
+        module = importlib.import_module(f"attnspec.spec.properties.{topic}")
+        impl = module.attnspec_implementation(precision)
+        out[(precision, topic)] = [
+            Line(
+                f"{impl.name}: {result.name}",
+                result.description,
+                result.passed,
+                result.seconds,
+                result.message or "",
             )
-    return lines
+            for result in run_battery(impl, settings())
+        ]
+    return out
+
+
+def _claims_and_batteries(
+    profile: str, jobs: Sequence[tuple[str, str]]
+) -> tuple[list[Line], dict[tuple[str, str], list[Line]]]:
+    """The derivations' lines and those of the batteries of ``jobs`` (one worker's share)."""
+    return _derivation_lines(), _battery_lines(profile, jobs)
+
+
+def _run_all(profile: str, workers: int) -> list[Line]:
+    """Every claim's line, in the report's order: the derivations, then the batteries.
+    With two workers, a second process proves the derivations and runs the online
+    topic's batteries while this one runs the others (about half the time each)."""
+    jobs = _jobs()
+    if workers <= 1:
+        claims, batteries = _claims_and_batteries(profile, jobs)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        theirs = [job for job in jobs if job[1] in ("online",)]
+        ours = [job for job in jobs if job not in theirs]
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            future = pool.submit(_claims_and_batteries, profile, theirs)
+            batteries = _battery_lines(profile, ours)
+            claims, more = future.result()
+        batteries.update(more)
+    return claims + [line for job in jobs for line in batteries[job]]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _print_report(lines: Sequence[Line], out: TextIO) -> None:
@@ -103,7 +149,7 @@ def _print_report(lines: Sequence[Line], out: TextIO) -> None:
 def _verify(args: argparse.Namespace) -> int:
     profile = "thorough" if args.thorough else "ci"
     start = time.perf_counter()
-    lines = _derivation_lines() + _battery_lines(profile)
+    lines = _run_all(profile, args.jobs)
     _print_report(lines, sys.stdout)
     failed = [line for line in lines if not line.passed]
     total = time.perf_counter() - start
@@ -154,6 +200,12 @@ def _parser() -> argparse.ArgumentParser:
         "--thorough",
         action="store_true",
         help="many more Hypothesis examples (minutes, not seconds)",
+    )
+    verify.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        help="processes (default 2: the derivations and the online batteries in a second one)",
     )
     verify.set_defaults(run=_verify)
     docs = sub.add_parser(

@@ -48,7 +48,7 @@ from pathlib import Path
 from attnspec.reference.visibility import alignment_offset, visible
 from attnspec.spec.derivations import Claim, Proof, claims
 
-__all__ = ["check", "find_root", "render", "write"]
+__all__ = ["TOPIC_PAGES", "check", "find_root", "render", "topic_page", "write"]
 
 #: the page templates and shared fragments, relative to the repository root
 _TEMPLATES = Path("docs") / "_templates"
@@ -286,15 +286,25 @@ def _index(topic: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: the page of each topic whose page is not named like it (docs/<page>.md)
+TOPIC_PAGES: dict[str, str] = {"online": "online-softmax"}
+
+
+def topic_page(topic: str) -> str:
+    """The name of ``topic``'s page and template (``docs/<name>.md``)."""
+    return TOPIC_PAGES.get(topic, topic)
+
+
 def _topic_page(topic: str, root: Path, prove: Prover, **parts: str) -> str:
-    """A topic's page, from the template ``<topic>.md``: prose, its claims' index and claims.
+    """A topic's page, from the template ``<page>.md`` (:func:`topic_page`): prose, its
+    claims' index and claims.
 
     Fills the slots ``header``, ``claims_heading`` (the fragment ``claims-heading.md``,
     shared by the topic pages), ``index``, ``claims`` and those of ``parts``.
     """
     return _page(
         root,
-        f"{topic}.md",
+        f"{topic_page(topic)}.md",
         header=_HEADER,
         claims_heading=_page(root, "claims-heading.md"),
         index=_index(topic),
@@ -370,6 +380,94 @@ def _attention_page(prove: Prover, root: Path) -> str:
     )
 
 
+# --- the backward page: docs/_templates/backward.md ----------------------------------------
+
+#: the problem of the gradient picture: causal, one head, L = S = 6, E = 4, Ev = 2, with
+#: inputs rounded to one decimal (so that the page shows them exactly)
+_GRADIENT_SEED, _GRADIENT_SIZE = 7, 6
+
+
+def _gradient_picture() -> str:
+    """dS (the gradient of the final logits, ``dbias``) of a small causal problem, as a
+    table: hidden positions are exactly 0 (a dot), and each row sums to 0 up to the
+    roundings of its entries (math.fsum of the float64 values)."""
+    import math
+
+    import numpy as np
+
+    from attnspec.reference.backward import sdpa_backward
+
+    rng = np.random.default_rng(_GRADIENT_SEED)
+    n = _GRADIENT_SIZE
+    q, k = (np.round(rng.standard_normal((n, 4)), 1) for _ in range(2))
+    v, dout = (np.round(rng.standard_normal((n, 2)), 1) for _ in range(2))
+    ds = sdpa_backward(q, k, v, dout, bias=np.zeros((n, n)), causal=True).dbias
+    lines = ["key      " + "".join(f"{j:>8}" for j in range(n)) + "    row sum"]
+    for i in range(n):
+        cells = "".join(f"{ds[i, j] + 0.0:>8.3f}" if j <= i else f"{'.':>8}" for j in range(n))
+        lines.append(f"query {i}  {cells}    {math.fsum(ds[i]):>8.0e}")
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+def _backward_page(prove: Prover, root: Path) -> str:
+    cited = [ref for claim in claims("backward") for ref in claim.references]
+    return _topic_page(
+        "backward",
+        root,
+        prove,
+        gradient_picture=_gradient_picture(),
+        references=_reference_list(cited),
+    )
+
+
+# --- the online softmax page: docs/_templates/online-softmax.md ----------------------------
+
+#: the row of the online figure: 12 logits (one decimal each, so that the page shows them
+#: exactly) folded in blocks of 4 keys
+_ONLINE_LOGITS = (0.5, -1.2, 2.0, 0.3, 4.1, -0.7, 1.6, 3.9, -2.5, 0.8, 5.2, 1.1)
+_ONLINE_BLOCK = 4
+
+
+def _online_figure() -> str:
+    """The running max m and the running sum l of one row across blocks of keys, from
+    :func:`attnspec.reference.online.update`, beside the direct max and lse."""
+    import math
+
+    import numpy as np
+
+    from attnspec.reference import online
+    from attnspec.reference.softmax import logsumexp
+
+    x = np.asarray(_ONLINE_LOGITS)
+    state = online.empty_state(1)
+    lines = [
+        "block  keys    block max   running max m   running sum l   m + log l",
+        "-      -       -           -inf            0               -inf",
+    ]
+    for b, start in enumerate(range(0, x.size, _ONLINE_BLOCK)):
+        block = x[start : start + _ONLINE_BLOCK]
+        state = online.update(state, block[None])
+        m, ell = float(state.m[0]), float(state.l[0])
+        lines.append(
+            f"{b:<6} {start}-{start + block.size - 1:<5} {block.max():<11} {m:<15} "
+            f"{ell:<15.6f} {m + math.log(ell):.6f}"
+        )
+    direct = float(logsumexp(x))
+    lines.append(f"direct: max {x.max()}, lse {direct:.6f}")
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+def _online_page(prove: Prover, root: Path) -> str:
+    cited = [ref for claim in claims("online") for ref in claim.references]
+    return _topic_page(
+        "online",
+        root,
+        prove,
+        online_figure=_online_figure(),
+        references=_reference_list(cited),
+    )
+
+
 # --- the conventions page: docs/_templates/conventions.md ----------------------------------
 # The prose in the template; the table from spec/conventions.py (its Facts carry their
 # sources), between markers that tests/test_conventions.py looks for.
@@ -399,6 +497,8 @@ def _worked_example_page(prove: Prover, root: Path) -> str:
 _PAGES: tuple[tuple[str, PageBuilder], ...] = (
     ("docs/softmax.md", _softmax_page),
     ("docs/attention.md", _attention_page),
+    ("docs/backward.md", _backward_page),
+    ("docs/online-softmax.md", _online_page),
     ("docs/conventions.md", _conventions_page),
     ("docs/worked-example.md", _worked_example_page),
 )

@@ -6,4 +6,4 @@ on any implementation, not only the reference.
 
 #: the topics, in reading order: the one place where they are listed. Each has a module
 #: of that name in every kind of spec/ (derivations, properties, strategies, tolerances).
-TOPICS: tuple[str, ...] = ("softmax", "attention")
+TOPICS: tuple[str, ...] = ("softmax", "attention", "backward", "online")

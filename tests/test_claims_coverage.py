@@ -7,15 +7,15 @@ Each ``check_*`` of attnspec.spec.properties names the claims it tests
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
-from attnspec.spec import derivations
+from attnspec.spec import TOPICS, derivations
 from attnspec.spec.properties import SYMBOLIC_ONLY
-from attnspec.spec.properties import attention as attention_properties
-from attnspec.spec.properties import softmax as softmax_properties
 from attnspec.spec.properties._core import claims_of
 
-MODULES = {"softmax": softmax_properties, "attention": attention_properties}
+MODULES = {topic: importlib.import_module(f"attnspec.spec.properties.{topic}") for topic in TOPICS}
 CLAIMS = {c.name for c in derivations.all_claims()}
 
 

@@ -26,7 +26,7 @@ def test_a_topic_has_a_module_in_every_kind(topic: str) -> None:
         importlib.import_module(f"attnspec.{kind}.{topic}")
     importlib.import_module(f"attnspec.spec.tolerances.{topic}")
     assert claims(topic), f"{topic} has no claims"
-    assert (ROOT / "docs" / "_templates" / f"{topic}.md").is_file()
+    assert (ROOT / "docs" / "_templates" / f"{docs.topic_page(topic)}.md").is_file()
 
 
 @pytest.mark.parametrize("topic", TOPICS)

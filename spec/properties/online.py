@@ -488,10 +488,12 @@ def _sink_leaf(case: AttentionCase, like: _Node) -> _Node | None:
     return _Node(zero, sig, zero, np.zeros(sig.shape), np.zeros(case.n_keys, dtype=bool), True)
 
 
-@tests_claims("online-merge-monoid", "online-any-partition", "online-partials-merge")
+@tests_claims(
+    "online-merge-monoid", "online-any-partition", "online-partials-merge", "online-merge-rounding"
+)
 def check_split_merge_order(impl: OnlineImpl, ocase: OnlineCase) -> None:
-    r"""Claims ``online-any-partition``, ``online-merge-monoid`` and
-    ``online-partials-merge``: the partials of any partition of the keys (parts contiguous
+    r"""Claims ``online-any-partition``, ``online-merge-monoid``, ``online-partials-merge``
+    and ``online-merge-rounding`` (the bound of each merge of the tree): the partials of any partition of the keys (parts contiguous
     or not, possibly empty or fully hidden), merged with ``impl.merge`` along any tree,
     give the direct result.
 
