@@ -52,6 +52,7 @@ import numpy.typing as npt
 
 from attnspec.reference.arith import Move
 from attnspec.reference.attention import SdpaOptions, evaluate
+from attnspec.reference.backward import SdpaGradients, sdpa_gradients
 from attnspec.reference.inputs import as_real_float64
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "LowPrecision",
     "default_accumulate",
     "emulated_sdpa",
+    "emulated_sdpa_backward",
     "get_formats",
     "round_to",
 ]
@@ -393,3 +395,69 @@ def emulated_sdpa(
     v_d = round_to(as_real_float64(v, "v"), fmt)
     result: F64 | tuple[F64, F64] = evaluate(LowPrecision(fmt, acc), q_d, k_d, v_d, opts)
     return result
+
+
+def emulated_sdpa_backward(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    *,
+    dlse: npt.ArrayLike | None = None,
+    dtype: object,
+    accumulate: object = None,
+    **options: Any,
+) -> SdpaGradients:
+    r"""The gradients of attention as a straightforward kernel in ``dtype`` computes them.
+
+    The closed forms of :mod:`attnspec.reference.backward` (the same code,
+    :func:`~attnspec.reference.backward.sdpa_gradients`) in the arithmetic
+    :class:`LowPrecision` of :func:`emulated_sdpa`: the weights :math:`\hat P` recomputed
+    as the forward computes them (rounded to ``dtype``), :math:`dP = \mathrm{fl}_d(dO\,
+    V^\top)` accumulated in ``accumulate``, :math:`D_i = \mathrm{fl}_d(\sum_e
+    \mathrm{fl}_d(dO_{ie} \hat O_{ie}))` from the emulated forward output :math:`\hat O`
+    (rounded to ``dtype``, as the output the forward stored), :math:`dZ =
+    \mathrm{fl}_d(\hat P\, \mathrm{fl}_d(\mathrm{fl}_d(dP - D) + d\ell))`, the softcap's
+    factor :math:`\mathrm{fl}_d(1 - \mathrm{fl}_d(r^2))`, :math:`r = \mathrm{fl}_d(\hat t
+    / c)`, and :math:`dQ = \mathrm{fl}_d(\mathrm{fl}_d(dS\, K)\, \hat\tau)`,
+    :math:`dK = \mathrm{fl}_d(\mathrm{fl}_d(dS^\top Q)\, \hat\tau)`, :math:`dV =
+    \mathrm{fl}_d(\hat{\tilde P}^\top dO)`, each product accumulated in ``accumulate``;
+    sums over GQA groups and broadcast axes of at most eight terms one addition at a time
+    in ``dtype``, of more terms accumulated in ``accumulate``. Every intermediate is a
+    value of ``dtype``: the naive order of a kernel that stores each step (PyTorch's
+    math backend in ``dtype``).
+
+    Parameters
+    ----------
+    q, k, v, dout : array_like
+        As for :func:`attnspec.sdpa_backward`; rounded to ``dtype`` first.
+    dlse : array_like, optional
+        The gradient of the lse, rounded to ``accumulate`` (a kernel takes it in its
+        accumulation dtype, as FlashAttention's float32 ``dsoftmax_sum``), then lifted.
+    dtype, accumulate, **options
+        As for :func:`emulated_sdpa` (``return_lse`` is not taken).
+
+    Returns
+    -------
+    SdpaGradients
+        ``(dq, dk, dv, dbias, dsinks)``, float64 arrays holding ``dtype`` values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attnspec.reference.emulate import emulated_sdpa_backward
+    >>> q = np.array([[1.0, 0.0]]); k = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> v = np.array([[0.1], [0.2]])
+    >>> emulated_sdpa_backward(q, k, v, np.ones((1, 1)), dtype="bfloat16", scale=0.0).dv.tolist()
+    [[0.5], [0.5]]
+    """
+    fmt, acc = get_formats(dtype, accumulate)
+    if "return_lse" in options:
+        raise TypeError("emulated_sdpa_backward takes no return_lse: pass dlse= instead")
+    opts = SdpaOptions.from_kwargs({**options, "return_lse": False})
+    q_d = round_to(as_real_float64(q, "q"), fmt)
+    k_d = round_to(as_real_float64(k, "k"), fmt)
+    v_d = round_to(as_real_float64(v, "v"), fmt)
+    do_d = round_to(as_real_float64(dout, "dout"), fmt)
+    dl = None if dlse is None else round_to(as_real_float64(dlse, "dlse"), acc)
+    return sdpa_gradients(LowPrecision(fmt, acc), q_d, k_d, v_d, do_d, dl, opts)

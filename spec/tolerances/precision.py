@@ -187,7 +187,7 @@ tests/test_flash_attn.py and hopper/test_flash_attn.py (``test_flash_attn_output
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -400,8 +400,6 @@ def forward_bound(
     >>> bool((err <= out_bound).all())
     True
     """
-    import attnspec
-
     fmt, acc = get_formats(dtype, accumulate)
     if not isinstance(against, str) or against not in AGAINST:
         raise ValueError(f"against must be one of {AGAINST!r}, got {against!r}")
@@ -415,6 +413,37 @@ def forward_bound(
     q64 = _check_in_format(q, "q", fmt)
     k64 = _check_in_format(k, "k", fmt)
     v64 = _check_in_format(v, "v", fmt)
+    out, lse, _ = _forward(q64, k64, v64, fmt, acc, logits, rescalings, against, kw)
+    return out, lse
+
+
+class _ForwardParts(NamedTuple):
+    """What :func:`backward_bound` reuses of the forward's derivation, in the layout of
+    :func:`~attnspec.spec.tolerances.attention.logit_data` (2-D inputs with a head axis;
+    the sink column last): the logit errors :math:`\\varepsilon_{ij}`, the relative
+    errors :math:`\\theta_{ij}` of the weights, the absolute error :math:`z` of weights that
+    may underflow (0 elsewhere), and the output's bound against the exact output."""
+
+    eps: F64
+    theta: F64
+    floor: F64
+    out: F64
+
+
+def _forward(
+    q64: F64,
+    k64: F64,
+    v64: F64,
+    fmt: Format,
+    acc: Format,
+    logits: str,
+    rescalings: int | None,
+    against: str,
+    kw: dict[str, Any],
+) -> tuple[F64, F64, _ForwardParts]:
+    """The body of :func:`forward_bound` on validated inputs; also its parts."""
+    import attnspec
+
     u, ua = fmt.u, acc.u
     r = fmt if logits == "dtype" else acc  # the format of the logits and shifts
     two_d = q64.ndim == 2 and k64.ndim == 2 and v64.ndim == 2
@@ -491,6 +520,7 @@ def forward_bound(
     )
     g_o = rows(g_n)[..., None]
     n_o = rows(n)[..., None]
+    z_row = z  # (..., Hq, L), before it takes the output's shape
     z = rows(z)[..., None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         w_exact = weighted + reference  # an upper bound on the exact sum_j p_ij |v_jk|
@@ -506,6 +536,7 @@ def forward_bound(
         big = (1 + rows(rho)[..., None]) * (1 + g_o) * w_exact
         out = np.where(np.isnan(out) | ~(big <= min(fmt.max, acc.max)), np.inf, out)
     out = np.where(rows(overflow)[..., None], np.inf, out)
+    out_exact = np.asarray(out, dtype=np.float64)
     if against == "fast":
         out = out + reference
 
@@ -525,7 +556,12 @@ def forward_bound(
     lse = rows(lse)
     if against == "fast":
         lse = lse + textbook_lse_bound(q64, k64, **kw)
-    return np.asarray(out, dtype=np.float64), np.asarray(lse, dtype=np.float64)
+    out = np.asarray(out, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        small = seen & (p * (lift * np.maximum(1 - rho, 0.0))[..., None] < fmt.tiny)
+    floor = np.where(small, z_row[..., None], 0.0)
+    parts = _ForwardParts(eps, theta, floor, out_exact)
+    return out, np.asarray(lse, dtype=np.float64), parts
 
 
 def _weighted_errors(
