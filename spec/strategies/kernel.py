@@ -1,0 +1,377 @@
+r"""Attention problems in the forms a kernel takes, for ``attnspec check``.
+
+A kernel is not :func:`attnspec.sdpa`: it takes full 4-D ``(B, H, L, E)`` arrays in its own
+dtype, masks and biases of full shape ``(B, Hq, L, S)``, per-head arguments of shape
+``(Hq,)``, :math:`L, S \ge 1` and :math:`E_v = E`. Everything else is an extra *form* it may
+declare (:data:`FORMS`):
+
+``broadcast``
+    masks, biases and per-head arguments in any shape that broadcasts (0-d ``sinks`` ...);
+``two_d``
+    2-D ``(L, E)`` single-head inputs;
+``empty``
+    :math:`L = 0` or :math:`S = 0`;
+``ev``
+    :math:`E_v \ne E`.
+
+:func:`full_form` rewrites any :class:`~attnspec.spec.strategies.attention.AttentionCase`
+into the kernel form, exactly (broadcasting is exact; :math:`E_v \ne E` is sent as several
+calls with :math:`E_v = E`, since each output column depends only on its own column of
+:math:`V`), or says why it cannot (a batched per-head argument that differs along the
+batch, an empty sequence). :func:`kernel_cases` draws cases already in the kernel form, with
+:math:`q, k, v` values of the kernel's dtype. :func:`sized_case` and :func:`family_case`
+build the deterministic cases of the sizes and input-family stages (sizes that cross tile
+boundaries, inputs beyond Gaussians) from a seed, so that a reproduction is one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from hypothesis import strategies as st
+
+from attnspec.reference.emulate import round_to
+from attnspec.spec.strategies.attention import FEATURES, AttentionCase, attention_cases
+
+__all__ = [
+    "FAMILIES",
+    "FORMS",
+    "HEAD_DIMS",
+    "SEQ_LENGTHS",
+    "FormError",
+    "KernelForm",
+    "family_case",
+    "full_form",
+    "kernel_cases",
+    "representable",
+    "size_plan",
+    "sized_case",
+]
+
+F64 = npt.NDArray[np.float64]
+
+#: the extra input forms a kernel may declare (the default form is always sent)
+FORMS = ("broadcast", "two_d", "empty", "ev")
+#: sequence lengths of the sizes stage: tile boundaries of 64, 128, 256 and 1024
+SEQ_LENGTHS = (1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025)
+#: head dimensions of the sizes stage: the odd ones FlashAttention tests (59, 111) and
+#: those of real bug reports (72, 104: flash-attention#2896; 256: TransformerEngine#3216)
+HEAD_DIMS = (59, 64, 72, 104, 111, 128, 256)
+#: the input families beyond Gaussians (see :func:`family_case`)
+FAMILIES = (
+    "gaussian",
+    "outlier_channels",
+    "large_norms",
+    "low_rank",
+    "near_duplicate_keys",
+    "negative_rows",
+    "logit_offset",
+)
+
+
+class FormError(ValueError):
+    """A case that cannot be sent in the forms a kernel declared (the message says why)."""
+
+
+@dataclass(frozen=True)
+class KernelForm:
+    """A case rewritten in the kernel form, and how to map results back.
+
+    ``calls`` holds one ``(v, kwargs)`` per call (several when :math:`E_v \ne E`: the
+    columns of V in chunks of E, the last padded with zeros); ``q``, ``k`` are shared.
+    :meth:`restore` joins the outputs and reshapes them to the case's output shape.
+    """
+
+    q: F64
+    k: F64
+    vs: tuple[F64, ...]
+    kwargs: dict[str, Any]
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, ...]
+    ev: int
+
+    def restore(self, outs: list[F64]) -> F64:
+        """The outputs of the calls (each ``(B, Hq, L, E)``) as the case's output."""
+        joined = np.concatenate(outs, axis=-1)[..., : self.ev]
+        return np.asarray(joined.reshape(self.out_shape), dtype=np.float64)
+
+    def restore_lse(self, lse: F64) -> F64:
+        return np.asarray(lse, dtype=np.float64).reshape(self.lse_shape)
+
+
+_PER_HEAD = ("alibi_slopes", "sinks")
+_FULL = ("mask", "bias", "dropout_mask")
+
+
+def _per_head(name: str, a: Any, batch: tuple[int, ...], hq: int) -> F64:
+    arr = np.asarray(a)
+    try:
+        full = np.broadcast_to(arr, (*batch, hq))
+    except ValueError:
+        raise FormError(f"{name} of shape {arr.shape} does not broadcast to {(*batch, hq)}")
+    flat = full.reshape(-1, hq)
+    if flat.shape[0] and not (flat == flat[:1]).all() and not np.isnan(flat).all():
+        raise FormError(f"{name} of shape {arr.shape} differs along the batch: no (Hq,) form")
+    return np.array(flat[0] if flat.shape[0] else np.zeros(hq), dtype=np.float64)
+
+
+def full_form(case: AttentionCase, forms: Iterable[str] = ()) -> KernelForm:
+    """``case`` in the kernel form (see the module docstring), keeping the extra
+    ``forms`` declared; :class:`FormError` where it has no such form."""
+    declared = set(forms)
+    q, k, v, kw = case.q, case.k, case.v, dict(case.kwargs)
+    full = case.logits_shape
+    two_d = len(full) == 2
+    if case.n_queries == 0 or case.n_keys == 0 or 0 in full:
+        if "empty" not in declared:
+            raise FormError(f"empty sequence or batch (logits of shape {full})")
+    ev = int(v.shape[-1])
+    out_shape = (*full[:-1], ev)
+    lse_shape = tuple(full[:-1])
+    if two_d and "two_d" in declared:
+        logits4 = full
+        batch: tuple[int, ...] = ()
+    else:
+        logits4 = (1, *full) if two_d else full
+        batch = tuple(logits4[:-3])
+    hq, n_q, n_k = logits4[-3], logits4[-2], logits4[-1]
+    keep_2d = two_d and "two_d" in declared
+    if not keep_2d:
+        b = math.prod(batch) if batch else 1
+        hkv = int(k.shape[-3]) if k.ndim >= 3 else 1
+        q = np.broadcast_to(q.reshape(q.shape if q.ndim >= 3 else (1, *q.shape)), (*batch, hq, n_q, q.shape[-1])).reshape(b, hq, n_q, q.shape[-1])
+        k = np.broadcast_to(k.reshape(k.shape if k.ndim >= 3 else (1, *k.shape)), (*batch, hkv, n_k, k.shape[-1])).reshape(b, hkv, n_k, k.shape[-1])
+        v = np.broadcast_to(v.reshape(v.shape if v.ndim >= 3 else (1, *v.shape)), (*batch, hkv, n_k, ev)).reshape(b, hkv, n_k, ev)
+        if "broadcast" not in declared:
+            for name in _FULL:
+                if kw.get(name) is not None:
+                    a = np.asarray(kw[name])
+                    kw[name] = np.broadcast_to(a, logits4).reshape(b, hq, n_q, n_k).copy()
+            for name in _PER_HEAD:
+                if kw.get(name) is not None:
+                    kw[name] = _per_head(name, kw[name], batch, hq)
+        q, k, v = q.copy(), k.copy(), v.copy()
+    e = int(q.shape[-1])
+    if ev == e or "ev" in declared:
+        vs: tuple[F64, ...] = (v,)
+    else:
+        chunks = []
+        for start in range(0, ev, e):
+            part = v[..., start : start + e]
+            if part.shape[-1] < e:
+                pad = np.zeros((*part.shape[:-1], e - part.shape[-1]))
+                part = np.concatenate([part, pad], axis=-1)
+            chunks.append(np.ascontiguousarray(part))
+        if not chunks:  # Ev = 0: one call on zero values, its output dropped
+            chunks.append(np.zeros((*v.shape[:-1], e)))
+        vs = tuple(chunks)
+    return KernelForm(q, k, vs, kw, out_shape, lse_shape, ev)
+
+
+def representable(a: Any, dtype: str) -> bool:
+    """Whether every finite entry of ``a`` is a value of ``dtype`` (NaN and inf are)."""
+    arr = np.asarray(a, dtype=np.float64)
+    if dtype == "float64":
+        return True
+    r = round_to(arr, dtype)
+    with np.errstate(invalid="ignore"):
+        return bool(((r == arr) | ~np.isfinite(arr)).all())
+
+
+def _round_case(case: AttentionCase, dtype: str) -> AttentionCase:
+    if dtype == "float64":
+        return case
+    q, k, v = (round_to(x, dtype) for x in (case.q, case.k, case.v))
+    return AttentionCase(q, k, v, case.kwargs)
+
+
+def _kernel_case(case: AttentionCase, forms: frozenset[str], dtype: str, ev: bool) -> AttentionCase:
+    f = full_form(case, forms)
+    v = f.vs[0]  # without "ev": the first E columns of V (zero-padded to E)
+    return _round_case(AttentionCase(f.q, f.k, v, f.kwargs), dtype)
+
+
+def kernel_cases(
+    *,
+    features: Iterable[str] = FEATURES,
+    forms: Iterable[str] = (),
+    dtype: str = "float64",
+    max_side: int = 4,
+    max_width: int = 4,
+) -> st.SearchStrategy[AttentionCase]:
+    """Cases in the kernel form: those of
+    :func:`~attnspec.spec.strategies.attention.attention_cases` (shapes, visibility,
+    modifiers, hidden NaN/inf) rewritten by :func:`full_form`, :math:`E_v = E` unless
+    ``ev`` is declared, q, k, v rounded to ``dtype`` (magnitudes that stay in its range:
+    moderate and wide logits for a low precision)."""
+    feats = frozenset(features) & set(FEATURES)
+    declared = frozenset(forms)
+    magnitude = None if dtype == "float64" else "moderate"
+    base = attention_cases(features=feats, max_side=max_side, max_width=max_width, magnitude=magnitude)
+    if "empty" not in declared:
+        base = base.filter(lambda c: c.n_queries > 0 and c.n_keys > 0 and 0 not in c.logits_shape)
+
+    def fit(case: AttentionCase) -> AttentionCase | None:
+        try:
+            return _kernel_case(case, declared, dtype, "ev" in declared)
+        except FormError:
+            return None
+
+    return base.map(fit).filter(lambda c: c is not None)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# The sizes and input-family stages: deterministic cases from a seed
+# ---------------------------------------------------------------------------------------
+
+
+def size_plan(seed: int, n: int = 8) -> list[tuple[int, int, int]]:
+    """``n`` (L, S, E) triples for the sizes stage, drawn with ``seed``: always one with
+    L = S = 1, one past 1024 keys, L > S and L < S, every group of :data:`SEQ_LENGTHS`
+    (1-2, 63-65, 127-129, 255-257, 1023-1025) and several :data:`HEAD_DIMS`."""
+    rng = np.random.default_rng(seed)
+    groups = [(1, 2), (63, 64, 65), (127, 128, 129), (255, 256, 257), (1023, 1024, 1025)]
+    dims = list(HEAD_DIMS)
+    rng.shuffle(dims)
+    plan = [(1, 1, int(dims[0]))]
+    picks = [(1, 2), (0, 1), (2, 1), (1, 3), (3, 2), (2, 3), (4, 0), (0, 4), (4, 4), (3, 3)]
+    for i, (gl, gs) in enumerate(picks[: max(0, n - 1)]):
+        L = int(rng.choice(groups[gl]))
+        S = int(rng.choice(groups[gs]))
+        e = int(dims[(i + 1) % len(dims)])
+        if L * S * e > 1025 * 1025 * 64:  # keep the largest within a few seconds
+            e = 64
+        plan.append((L, S, e))
+    return plan
+
+
+def _rounded(a: F64, dtype: str) -> F64:
+    return round_to(a, dtype) if dtype != "float64" else a
+
+
+def _shapes(features: frozenset[str]) -> tuple[int, int, int]:
+    """(B, Hq, Hkv): GQA 4 query heads on 2 kv heads where declared."""
+    return (1, 4, 2) if "gqa" in features else (1, 2, 2)
+
+
+def _modifiers(
+    rng: np.random.Generator, features: frozenset[str], b: int, hq: int, L: int, S: int, variant: int
+) -> dict[str, Any]:
+    """The modifiers of variant ``variant`` (0: none, 1: causal, 2: mask and bias,
+    3: window, 4: softcap, ALiBi and sinks) among the declared ``features``."""
+    kw: dict[str, Any] = {}
+    if variant == 1 and "causal" in features:
+        kw["causal"] = True
+        if L != S:
+            kw["align"] = "bottom_right" if rng.integers(2) else "top_left"
+    if variant == 2 and "mask" in features:
+        m = rng.random((b, hq, L, S)) > 0.2
+        m[..., int(rng.integers(L)), :] = False  # a row that sees nothing
+        kw["mask"] = m
+        bias = rng.standard_normal((b, hq, L, S))
+        kw["bias"] = bias
+    if variant == 3 and "window" in features:
+        kw["window"] = (int(rng.integers(0, 70)), int(rng.integers(0, 3)))
+        if L != S:
+            kw["align"] = "bottom_right"
+    if variant == 4:
+        if "softcap" in features:
+            kw["softcap"] = 20.0
+        if "alibi" in features:
+            kw["alibi_slopes"] = np.array([2.0 ** -(h + 1) for h in range(hq)])
+            if "causal" in features:
+                kw["causal"] = True
+                if L != S:
+                    kw["align"] = "bottom_right"
+        if "sinks" in features:
+            kw["sinks"] = rng.standard_normal(hq)
+    return kw
+
+
+def sized_case(
+    L: int,
+    S: int,
+    E: int,
+    *,
+    seed: int,
+    dtype: str = "float64",
+    features: Iterable[str] = (),
+    variant: int = 0,
+    family: str = "gaussian",
+) -> AttentionCase:
+    """A Gaussian (or ``family``) problem of ``L`` queries, ``S`` keys, head dim ``E``,
+    in the kernel form, q, k, v values of ``dtype``; ``variant`` picks the modifiers
+    among ``features`` (0: none, 1: causal, 2: mask with an empty row and a bias,
+    3: window, 4: softcap, ALiBi, sinks)."""
+    feats = frozenset(features)
+    rng = np.random.default_rng([seed, L, S, E, variant, FAMILIES.index(family)])
+    b, hq, hkv = _shapes(feats)
+    q = rng.standard_normal((b, hq, L, E))
+    k = rng.standard_normal((b, hkv, S, E))
+    v = rng.standard_normal((b, hkv, S, E))
+    kw = _modifiers(rng, feats, b, hq, L, S, variant)
+    q, k, v, extra = _family(rng, family, q, k, v, dtype)
+    kw.update(extra)
+    return AttentionCase(_rounded(q, dtype), _rounded(k, dtype), _rounded(v, dtype), kw)
+
+
+def _family(
+    rng: np.random.Generator, family: str, q: F64, k: F64, v: F64, dtype: str
+) -> tuple[F64, F64, F64, dict[str, Any]]:
+    """The inputs of ``family`` built from the Gaussian ``q, k, v``."""
+    e = q.shape[-1]
+    extra: dict[str, Any] = {}
+    big = 8.0 if dtype in ("float8_e4m3fn", "float8_e5m2", "float16") else 30.0
+    if family == "outlier_channels":  # a few channels 30x larger (LLM activations)
+        ch = rng.choice(e, size=max(1, e // 32), replace=False)
+        q[..., ch] *= big
+        k[..., ch] *= big
+        v[..., ch] *= big
+    elif family == "large_norms":  # logits tens apart: weights far from uniform
+        q *= 4.0
+        k *= 4.0
+        v *= 100.0
+    elif family == "low_rank":  # q and k of rank 2: many equal logits
+        basis = rng.standard_normal((2, e))
+        q = rng.standard_normal((*q.shape[:-1], 2)) @ basis
+        k = rng.standard_normal((*k.shape[:-1], 2)) @ basis
+    elif family == "near_duplicate_keys":  # every key one key plus noise of 1e-3
+        k = k[..., :1, :] + 1e-3 * k
+    elif family == "negative_rows":  # rows whose logits are all strongly negative
+        mean_k = k.mean(axis=-2, keepdims=True)
+        hq, hkv = q.shape[-3], k.shape[-3]
+        mk = np.repeat(mean_k, hq // hkv, axis=-3)
+        q = q - 4.0 * mk / np.maximum(np.linalg.norm(mk, axis=-1, keepdims=True), 1e-12) * math.sqrt(e)
+    elif family == "logit_offset":  # a shared offset in every logit of a row
+        root = 16.0
+        q[..., 0] = root
+        k[..., 0] = root
+        extra["scale"] = 1.0 / math.sqrt(e)
+    elif family != "gaussian":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return q, k, v, extra
+
+
+def family_case(
+    family: str,
+    *,
+    seed: int,
+    dtype: str = "float64",
+    features: Iterable[str] = (),
+    L: int = 96,
+    S: int = 80,
+    E: int = 64,
+    variant: int = 0,
+) -> AttentionCase:
+    """A problem of the input family ``family`` (:data:`FAMILIES`): outlier channels,
+    large norms, low rank, near-duplicate keys, strongly negative rows, logit offsets."""
+    return sized_case(L, S, E, seed=seed, dtype=dtype, features=features, variant=variant, family=family)
+
+
+#: the cases of a stage: (label, builder of the case)
+StageCases = list[tuple[str, Callable[[], AttentionCase]]]
