@@ -192,7 +192,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from attnspec.reference.emulate import Format, emulated_sdpa, get_formats, round_to
+from attnspec.reference.emulate import (
+    Format,
+    emulated_sdpa,
+    emulated_sdpa_backward,
+    get_formats,
+    round_to,
+)
 from attnspec.reference.inputs import as_real_float64
 from attnspec.reference.visibility import alignment_offset, relative_position
 from attnspec.spec.tolerances._core import SECOND_ORDER
@@ -205,11 +211,14 @@ from attnspec.spec.tolerances.attention import (
 __all__ = [
     "AGAINST",
     "EXP_ULPS",
+    "FLASH_BACKWARD_FACTOR",
     "FLASH_FACTOR",
     "LOGITS",
     "LOG_ULPS",
     "TANH_APPROX",
     "TANH_ULPS",
+    "backward_bound",
+    "empirical_backward_bound",
     "empirical_bound",
     "forward_bound",
     "gamma_in",
@@ -240,6 +249,12 @@ TANH_ULPS = 2.0
 #: out_ref).abs().max() <= 2 * (out_pt - out_ref).abs().max()``; hopper/: ``rtol = 2 if
 #: softcap == 0.0 else 3``)
 FLASH_FACTOR = 2.0
+#: the factor of FlashAttention's rule for the gradients (tests/test_flash_attn.py,
+#: ``test_flash_attn_output``: ``(dq - dq_ref).abs().max().item() <= 3 * (dq_pt -
+#: dq_ref).abs().max().item()``, the same for dk and dv)
+FLASH_BACKWARD_FACTOR = 3.0
+#: the gradients' names, in the order of :class:`~attnspec.reference.backward.SdpaGradients`
+GRADIENT_NAMES = ("dq", "dk", "dv", "dbias", "dsinks")
 #: where the kernel rounds its logits and shifts (:func:`forward_bound`'s ``logits=``)
 LOGITS = ("dtype", "accumulate")
 #: relative error of ``tanh.approx.f32`` (PTX), 1.113e-5 measured over all floats by
@@ -662,3 +677,388 @@ def empirical_bound(
 
     own_l = np.broadcast_to(tl, ref_lse.shape)
     return rule(emu, ref, tb, fmt), rule(emu_lse, ref_lse, own_l, acc)
+
+
+# -- the backward pass ------------------------------------------------------------------
+
+
+def _rounded(x: F64, e: F64, fmt: Format) -> F64:
+    r"""The error bound after rounding to ``fmt`` a computed value within ``e`` of the
+    exact ``x``: :math:`e + u(|x| + e) + \eta/2` (Higham 2002, sec. 2.1)."""
+    return e + fmt.u * (np.abs(x) + e) + fmt.eta / 2
+
+
+def _scaled(x: F64, e: F64, rel: float) -> F64:
+    r"""The error bound after multiplying a computed value within ``e`` of ``x`` by a
+    factor :math:`1 + \delta`, :math:`|\delta| \le` ``rel``: :math:`e + \mathrm{rel}(|x| +
+    e)`."""
+    return e + rel * (np.abs(x) + e)
+
+
+def _dot_error(
+    ea: F64, a: F64, eb: F64, b: F64, n: int, acc: Format, rounding: Format | None = None
+) -> F64:
+    r"""The error bound of :math:`\hat a \hat b` (matrices, the last two axes) accumulated
+    in ``acc``: :math:`|a| e_b + e_a (|b| + e_b) + \gamma^a_n (|a| + e_a)(|b| + e_b) +
+    n\eta_a` (Higham 2002, eq. 3.5, each product and partial sum rounded, products that
+    underflow :math:`\eta_a` each), then rounded to ``rounding`` (none: kept)."""
+    ma, mb = np.abs(a) + ea, np.abs(b) + eb
+    g = float(gamma_in(n, acc))
+    e = np.abs(a) @ eb + ea @ mb + g * (ma @ mb) + n * acc.eta
+    if rounding is None:
+        return np.asarray(e, dtype=np.float64)
+    return _rounded(a @ b, e, rounding)
+
+
+def backward_bound(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    *,
+    dlse: npt.ArrayLike | None = None,
+    dtype: object,
+    accumulate: object = None,
+    logits: str = "dtype",
+    rescalings: int | None = None,
+    **options: Any,
+) -> dict[str, F64]:
+    r"""Componentwise bounds on the gradients of a kernel in ``dtype`` against the exact
+    gradients of the definition on the same inputs: ``{"dq", "dk", "dv"}`` and
+    ``"dbias"``, ``"dsinks"`` where the forward has them, each the shape of its input.
+
+    The kernels covered. The forward as :func:`forward_bound` covers it (``logits`` the
+    same claim), recomputed or stored; then, with :math:`r` = ``dtype`` (``logits=
+    "dtype"``, the naive order: every step stored in ``dtype``) or ``accumulate`` (a
+    fused kernel, FlashAttention-2's backward, Dao 2023, Alg. 2: :math:`dP`, :math:`D`,
+    :math:`dS` in the float32 registers):
+
+    1. :math:`dP = \mathrm{fl}_r(dO\, V^\top)` accumulated in ``accumulate``; through
+       dropout, :math:`\kappa` and :math:`1/(1 - p_{\mathrm{drop}})` in three roundings to
+       ``dtype``;
+    2. :math:`D_i` either from the output (:math:`\sum_e dO_{ie}\hat O_{ie}`, each product
+       rounded to :math:`r`, the sum in ``accumulate``, rounded to :math:`r`:
+       FlashAttention, cuDNN, the emulation) or from the weights (:math:`\sum_j \hat P_{ij}
+       dP_{ij}`, the same roundings: the autograd of a materialised softmax); the bound
+       takes the larger of the two;
+    3. :math:`dZ = \mathrm{fl}_r(\hat P\, \mathrm{fl}_r(\mathrm{fl}_r(dP - D) + d\ell))`
+       (:math:`d\ell` lifted to :math:`r`); the sink's :math:`dZ` the same with
+       :math:`dP = 0`; through a softcap :math:`dS = \mathrm{fl}_r(dZ\,
+       \mathrm{fl}_r(1 - \mathrm{fl}_r(\rho^2)))`, :math:`\rho = \mathrm{fl}_r(\hat t /
+       \hat c)`;
+    4. :math:`dS` rounded to ``dtype`` before its products (FlashAttention's ``dS`` in
+       the input dtype), :math:`dQ = \tau\, dS\, K`, :math:`dK = \tau\, dS^\top Q` and
+       :math:`dV = \hat{\tilde P}^\top dO` accumulated in ``accumulate`` (over the keys,
+       or over every query row, in one sum or in blocks of rows whose partial sums are
+       added in :math:`r`), rounded to :math:`r`, the scale :math:`\mathrm{fl}_r(\tau)`
+       applied with one more rounding to :math:`r`;
+    5. the sums over GQA groups and broadcast axes (:math:`n` terms) in :math:`r` or in
+       ``accumulate``; every gradient finally rounded to ``dtype``.
+
+    Not covered: a kernel that accumulates a product in a lower precision than it claims,
+    that drops or mis-scales a term (what the bound is meant to catch).
+
+    The derivation. Every quantity :math:`\hat x` is carried with a bound :math:`e_x \ge
+    |\hat x - x|` (:math:`x` exact); :math:`|\hat x| \le |x| + e_x`. The rules, exact
+    inequalities (Higham 2002, sec. 2.1 and eq. 3.5):
+
+    * a rounding to format :math:`f`: :math:`e \leftarrow e + u_f(|x| + e) + \eta_f/2`;
+    * a factor within :math:`1 \pm \delta`: :math:`e \leftarrow e + \delta(|x| + e)`;
+    * a product: :math:`|\hat x\hat y - xy| \le |x| e_y + e_x(|y| + e_y)`;
+    * a sum of :math:`n` products in ``accumulate``: the sum of the products' errors plus
+      :math:`\gamma^a_n \sum |\hat x||\hat y| + n\eta_a`.
+
+    The weights: :math:`e_{P,ij} = \theta_{ij} P_{ij} + z_{ij}` with :math:`\theta`, the
+    underflow floor :math:`z` and the logit errors :math:`\varepsilon_{ij}` (which bound
+    the error of :math:`\hat t`) of :func:`forward_bound`'s derivation, and the output
+    within :math:`\delta O` of the exact one (its bound, ``against="exact"``). Then, in
+    order: :math:`e_{dP} = \gamma^a_{E_v} B + E_v\eta_a` (:math:`B = |dO||V|^\top`) rounded,
+    times :math:`\kappa r` with the factor :math:`(1 + u)^2 / ((1 - u)(1 - u\,
+    p_{\mathrm{drop}}/(1 - p_{\mathrm{drop}})))`; :math:`e_D = \max(e^O_D, e^P_D)`,
+    :math:`e^O_D = \sum_e |dO_{ie}|\delta O_{ie} + ((1 + u_r)(1 + \gamma^a_{E_v}) - 1)
+    \sum_e |dO_{ie}|(W_{ie} + \delta O_{ie}) + E_v(\eta_a + \eta_r/2)` and :math:`e^P_D` the
+    product rule over the keys, each rounded to :math:`r`; the subtraction, the addition
+    of :math:`d\ell` (:math:`e_{d\ell} = u_r|d\ell| + \eta_r/2`) and the product with
+    :math:`\hat P` by the rules; the softcap's factor: :math:`e_\rho = ((|t| +
+    \varepsilon)/c)(1 + u_r)/(1 - u_r) - |t|/c + \eta_r/2`, :math:`e_{\rho^2} = e_\rho(2
+    |\rho| + e_\rho)` rounded, :math:`1 - \rho^2` rounded; then the products of step 4,
+    the scale (the factor :math:`(1 + u_r)^2`), the sums of step 5 (:math:`\gamma^r_n`,
+    which covers both orders: :math:`n \le 8` additions in ``dtype`` or a product with
+    ones in ``accumulate`` rounded once), the sum of the partial sums of :math:`B_r`
+    blocks of rows (:math:`\gamma^r_{B_r - 1}`, :math:`B_r` as the reference blocks its
+    rows) and the final rounding to ``dtype``. The magnitudes :math:`|x|` are the float64
+    values of :func:`~attnspec.spec.tolerances.backward.quantities`; :math:`W = \tilde P
+    |V|`. Everything is multiplied by ``SECOND_ORDER`` (1.01) for the float64 evaluation
+    of the bound and of those magnitudes. Where a magnitude :math:`|x| + e_x` could pass
+    the largest finite value of ``dtype`` or ``accumulate``, or the forward's bound is
+    infinite, the bounds of the problem are :math:`\infty` (they say nothing).
+
+    Parameters
+    ----------
+    q, k, v, dout : array_like
+        The kernel's inputs, values of ``dtype`` (a ValueError names one that is not).
+    dlse : array_like, optional
+        The lse's gradient (any float64; its rounding to :math:`r` is part of the bound).
+    dtype, accumulate, logits, rescalings
+        As for :func:`forward_bound`: the claim of the forward the kernel recomputes
+        (or stored); ``rescalings=0`` for a kernel that takes the row maximum first.
+    **options
+        The keyword arguments of :func:`attnspec.sdpa_backward` (but ``precision``).
+
+    Examples
+    --------
+    >>> import numpy as np, attnspec
+    >>> from attnspec.reference.emulate import emulated_sdpa_backward, round_to
+    >>> from attnspec.spec.tolerances.precision import backward_bound
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v, do = (round_to(rng.standard_normal((2, 8, 16)), "bfloat16") for _ in range(4))
+    >>> bound = backward_bound(q, k, v, do, dtype="bfloat16")
+    >>> got = emulated_sdpa_backward(q, k, v, do, dtype="bfloat16")
+    >>> ref = attnspec.sdpa_backward(q, k, v, do)
+    >>> all(bool((np.abs(got[i] - ref[i]) <= bound[n]).all()) for i, n in enumerate(bound))
+    True
+    """
+    fmt, acc = get_formats(dtype, accumulate)
+    if not isinstance(logits, str) or logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS!r}, got {logits!r}")
+    if rescalings is not None and (
+        isinstance(rescalings, bool) or not isinstance(rescalings, int) or rescalings < 0
+    ):
+        raise ValueError(f"rescalings must be None or an int >= 0, got {rescalings!r}")
+    kw = _options(options)
+    q64 = _check_in_format(q, "q", fmt)
+    k64 = _check_in_format(k, "k", fmt)
+    v64 = _check_in_format(v, "v", fmt)
+    do64 = _check_in_format(dout, "dout", fmt)
+    dl64 = None if dlse is None else as_real_float64(dlse, "dlse")
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        out = _backward(q64, k64, v64, do64, dl64, fmt, acc, logits, rescalings, kw)
+    return {name: np.where(np.isnan(b), np.inf, b) for name, b in out.items()}
+
+
+def _backward(
+    q: F64,
+    k: F64,
+    v: F64,
+    dout: F64,
+    dlse: F64 | None,
+    fmt: Format,
+    acc: Format,
+    logits: str,
+    rescalings: int | None,
+    kw: dict[str, Any],
+) -> dict[str, F64]:
+    """The body of :func:`backward_bound` (validated inputs, warnings silenced)."""
+    from attnspec.reference.attention import _BLOCK_ELEMENTS
+    from attnspec.spec.tolerances.backward import (
+        _count_to,
+        _finite,
+        _shaped,
+        quantities,
+        sum_to,
+    )
+
+    bq = quantities(q, k, v, dout, dlse, **kw)
+    _, _, parts = _forward(q, k, v, fmt, acc, logits, rescalings, "exact", kw)
+    r = fmt if logits == "dtype" else acc
+    u = fmt.u
+    n_k, n_q = bq.p.shape[-1], bq.p.shape[-2]
+    width_v = bq.v.shape[-1]
+    full = (*bq.p.shape[:-1], n_k + (bq.p_sink is not None))
+    theta = np.broadcast_to(parts.theta, full)
+    floor = np.broadcast_to(parts.floor, full)
+    eps = np.broadcast_to(parts.eps, full)
+    d_o = parts.out[None] if bq.two_d else parts.out
+    d_o = np.broadcast_to(d_o, bq.dout.shape)
+    keys = slice(0, n_k)
+    p, pd = bq.p, bq.pd
+    e_p = np.where(bq.seen, theta[..., keys] * p + floor[..., keys], 0.0)
+    e_pd = np.where(bq.seen & (pd != 0), theta[..., keys] * pd + floor[..., keys], 0.0)
+    vv, kk, qq = _finite(bq.v), _finite(bq.k), _finite(bq.q)
+    vt = np.swapaxes(vv, -1, -2)
+    zeros_do = np.zeros(bq.dout.shape)
+
+    # 1. dP = dO V^T (kappa r)
+    dpd = bq.dout @ vt
+    e_dp = _dot_error(zeros_do, bq.dout, np.zeros(vt.shape), vt, width_v, acc, r)
+    if kw.get("dropout_mask") is not None:
+        drop = float(kw["dropout_p"])
+        keep = np.asarray(kw["dropout_mask"], dtype=np.float64) / (1 - drop)
+        rel = (1 + u) ** 2 / ((1 - u) * (1 - u * drop / (1 - drop))) - 1
+        e_dp = keep * _scaled(dpd, e_dp, rel) + 2 * fmt.eta
+    e_dp = np.where(bq.seen, e_dp, 0.0)
+    dp = bq.dp
+
+    # 2. D from the output or from the weights: the larger bound
+    w = pd @ np.abs(vv)
+    ones = np.ones((width_v, 1))
+    g_v = float(gamma_in(width_v, acc))
+    e_d_out = (
+        (np.abs(bq.dout) * d_o) @ ones
+        + ((1 + r.u) * (1 + g_v) - 1) * ((np.abs(bq.dout) * (w + d_o)) @ ones)
+        + width_v * (acc.eta + r.eta / 2)
+    )
+    g_k = float(gamma_in(max(n_k, 1), acc))
+    m_p, m_dp = p + e_p, np.abs(dp) + e_dp
+    e_d_p = (
+        np.sum(p * e_dp + e_p * m_dp, axis=-1, keepdims=True)
+        + ((1 + r.u) * (1 + g_k) - 1) * np.sum(m_p * m_dp, axis=-1, keepdims=True)
+        + n_k * (acc.eta + r.eta / 2)
+    )
+    big_d = bq.big_d
+    e_d = _rounded(big_d, np.maximum(e_d_out, e_d_p), r)
+
+    # 3. dZ = P (dP - D + dlse); the sink's with dP = 0
+    def shifted(x_dp: F64, e_x: F64) -> tuple[F64, F64]:
+        y = x_dp - big_d
+        e_y = _rounded(y, e_x + e_d, r)
+        if dlse is not None:
+            e_l = r.u * np.abs(bq.dlse) + r.eta / 2
+            y = y + bq.dlse
+            e_y = _rounded(y, e_y + e_l, r)
+        return y, e_y
+
+    y, e_y = shifted(dp, e_dp)
+    dz = p * y
+    e_dz = np.where(bq.seen, _rounded(dz, p * e_y + e_p * (np.abs(y) + e_y), r), 0.0)
+    if bq.p_sink is not None:
+        y_s, e_ys = shifted(np.zeros(big_d.shape), np.zeros(big_d.shape))
+        e_ps = theta[..., n_k:] * bq.p_sink + floor[..., n_k:]
+        dz_s = bq.p_sink * y_s
+        e_dzs = _rounded(dz_s, bq.p_sink * e_ys + e_ps * (np.abs(y_s) + e_ys), r)
+    ds, e_ds = dz, e_dz
+    if bq.capped is not None:
+        c = float(kw["softcap"])
+        t = bq.capped
+        rho = t / c
+        e_rho = (np.abs(t) + eps[..., keys]) / c * (1 + r.u) / (1 - r.u) - np.abs(rho) + r.eta / 2
+        e_sq = _rounded(rho * rho, e_rho * (2 * np.abs(rho) + e_rho), r)
+        factor = 1 - rho * rho
+        e_f = _rounded(factor, e_sq, r)
+        ds = dz * factor
+        e_ds = _rounded(ds, np.abs(factor) * e_dz + (np.abs(dz) + e_dz) * e_f, r)
+        ds = np.where(bq.seen, ds, 0.0)
+        e_ds = np.where(bq.seen, e_ds, 0.0)
+    if r is not fmt:  # dS in dtype before its products
+        e_ds = _rounded(ds, e_ds, fmt)
+
+    # 4. the products, the scale
+    tau = abs(bq.tau)
+    zk, zq, zdo = np.zeros(kk.shape), np.zeros(qq.shape), np.zeros(bq.dout.shape)
+    ds_t, e_ds_t = np.swapaxes(ds, -1, -2), np.swapaxes(e_ds, -1, -2)
+    scale_rel = (1 + r.u) ** 2 - 1
+    pd_t, e_pd_t = np.swapaxes(pd, -1, -2), np.swapaxes(e_pd, -1, -2)
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, math.prod(bq.p.shape[:-2]) * n_k))
+    blocks = math.ceil(n_q / rows_per_block) if n_q else 0
+    across = float(gamma_in(max(blocks - 1, 0), r))
+
+    def scaled_product(x: F64, e: F64) -> tuple[F64, F64]:  # tau fl_r(tau)-scaled, rounded
+        return tau * x, tau * _scaled(x, e, scale_rel) + r.eta / 2
+
+    grads: dict[str, tuple[F64, F64, int, float]] = {
+        "dq": (*scaled_product(ds @ kk, _dot_error(e_ds, ds, zk, kk, n_k, acc, r)), 1, 0.0),
+        "dk": (
+            *scaled_product(ds_t @ qq, _dot_error(e_ds_t, ds_t, zq, qq, n_q, acc, r)),
+            1,
+            across,
+        ),
+        "dv": (pd_t @ bq.dout, _dot_error(e_pd_t, pd_t, zdo, bq.dout, n_q, acc, r), 1, across),
+    }
+    if "dbias" in bq.shapes:
+        bias_rows = len(bq.shapes["dbias"]) >= 2 and bq.shapes["dbias"][-2] == n_q > 1
+        grads["dbias"] = (dz, e_dz, 1, 0.0 if bias_rows else across)
+    if bq.p_sink is not None:  # summed over the query rows first
+        grads["dsinks"] = (dz_s[..., 0].sum(-1), e_dzs[..., 0].sum(-1), n_q, across)
+
+    # 5. the sums over GQA groups and broadcast axes, the final rounding
+    out = {}
+    for name, (x, e, inner, a) in grads.items():
+        shape = bq.shapes[name]
+        n = inner * _count_to(x.shape, shape)
+        mag = np.abs(x) if inner == 1 else np.abs(dz_s[..., 0]).sum(-1)
+        if name in ("dk", "dv"):  # the GQA groups first
+            hkv, hq = shape[-3], x.shape[-3]
+            grouped = (*x.shape[:-3], hkv, hq // hkv, *x.shape[-2:])
+            x, e, mag = (y.reshape(grouped).sum(axis=-3) for y in (x, e, mag))
+        x_sum, e_sum, m_sum = (
+            sum_to(x, shape),
+            sum_to(e, shape),
+            sum_to(mag, shape) + sum_to(e, shape),
+        )
+        g_sum = float(gamma_in(n, r)) if n > 1 else 0.0
+        e_sum = e_sum + ((1 + g_sum) * (1 + a) - 1) * m_sum
+        bound = SECOND_ORDER * _rounded(x_sum, e_sum, fmt)
+        out[name] = np.where(~(m_sum <= min(fmt.max, acc.max)), np.inf, bound)
+    hopeless = not all(bool(np.all(np.isfinite(x))) for x in (e_d, e_dz, e_ds)) or not bool(
+        np.all(np.abs(dp) + e_dp <= min(r.max, acc.max))
+    )
+    if hopeless:  # an intermediate may overflow in a correct kernel: the bound says nothing
+        out = {name: np.full(b.shape, np.inf) for name, b in out.items()}
+    return _shaped(bq, out)
+
+
+def empirical_backward_bound(
+    q: npt.ArrayLike,
+    k: npt.ArrayLike,
+    v: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    *,
+    dlse: npt.ArrayLike | None = None,
+    dtype: object,
+    accumulate: object = None,
+    factor: float = FLASH_BACKWARD_FACTOR,
+    floor: float | None = None,
+    **options: Any,
+) -> dict[str, F64]:
+    r"""FlashAttention's criterion for the gradients: ``factor`` (3) times the largest
+    error of a naive same-dtype backward, plus a floor, one number per gradient.
+
+    :math:`\mathrm{tol}_g = f \max |\tilde g - g_{\mathrm{ref}}| + \mathrm{floor}_g` with
+    :math:`\tilde g` from :func:`attnspec.reference.emulate.emulated_sdpa_backward` and
+    :math:`g_{\mathrm{ref}}` from :func:`attnspec.sdpa_backward` (``precision="fast"``);
+    the factor is FlashAttention's (``FLASH_BACKWARD_FACTOR``, tests/test_flash_attn.py,
+    ``test_flash_attn_output``: ``(dq - dq_ref).abs().max() <= 3 * (dq_pt -
+    dq_ref).abs().max()``). The default floor is that of :func:`empirical_bound`: twice
+    the rounding error of :math:`g_{\mathrm{ref}} + 0.3 - 0.3` in ``dtype`` (hopper/
+    test_flash_attn.py's ``dq_atol``), plus the largest
+    :func:`~attnspec.spec.tolerances.backward.fast_backward_bound` of the reference. Where
+    the emulation is not finite but the reference is, ``inf``. Each tolerance is returned
+    broadcast to its gradient's shape; keys as :func:`backward_bound`'s.
+    """
+    import attnspec
+    from attnspec.spec.tolerances.backward import fast_backward_bound
+
+    fmt, acc = get_formats(dtype, accumulate)
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor >= 0:
+        raise ValueError(f"factor must be a number >= 0, got {factor!r}")
+    kw = _options(options)
+    q64 = _check_in_format(q, "q", fmt)
+    k64 = _check_in_format(k, "k", fmt)
+    v64 = _check_in_format(v, "v", fmt)
+    do64 = _check_in_format(dout, "dout", fmt)
+    emu = emulated_sdpa_backward(
+        q64, k64, v64, do64, dlse=dlse, dtype=fmt.name, accumulate=acc.name, **kw
+    )
+    ref = attnspec.sdpa_backward(q64, k64, v64, do64, dlse=dlse, precision="fast", **kw)
+    own = fast_backward_bound(q64, k64, v64, do64, dlse, **kw)
+    out: dict[str, F64] = {}
+    for name, approx, exact in zip(GRADIENT_NAMES, emu, ref, strict=True):
+        if exact is None:
+            continue
+        exact = np.asarray(exact, dtype=np.float64)
+        finite = np.isfinite(exact)
+        if not finite.any():
+            out[name] = np.zeros(exact.shape)
+            continue
+        if not np.isfinite(approx[finite]).all():
+            out[name] = np.full(exact.shape, np.inf)
+            continue
+        worst = float(np.max(np.abs(approx[finite] - exact[finite])))
+        if floor is None:
+            e = exact[finite]
+            again = round_to(round_to(e + 0.3, fmt) - 0.3, fmt)
+            base = 2 * float(np.max(np.abs(again - e))) + float(np.max(own[name], initial=0.0))
+        else:
+            base = float(floor)
+        out[name] = np.full(exact.shape, factor * worst + base)
+    return out
