@@ -493,9 +493,9 @@ def _sink_leaf(case: AttentionCase, like: _Node) -> _Node | None:
 )
 def check_split_merge_order(impl: OnlineImpl, ocase: OnlineCase) -> None:
     r"""Claims ``online-any-partition``, ``online-merge-monoid``, ``online-partials-merge``
-    and ``online-merge-rounding`` (the bound of each merge of the tree): the partials of any partition of the keys (parts contiguous
-    or not, possibly empty or fully hidden), merged with ``impl.merge`` along any tree,
-    give the direct result.
+    and ``online-merge-rounding`` (the bound of each merge of the tree): the partials of
+    any partition of the keys (parts contiguous or not, possibly empty or fully hidden),
+    merged with ``impl.merge`` along any tree, give the direct result.
 
     The partials are attnspec.sdpa (accurate) over each part (the mask restricted to it);
     a sink is one more partial :math:`(0, \sigma_h)`, merged last. Allowed: the tree's
