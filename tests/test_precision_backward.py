@@ -34,7 +34,9 @@ import attnspec
 from attnspec.reference.emulate import emulated_sdpa_backward, round_to
 from attnspec.spec.tolerances.backward import fast_backward_bound
 from attnspec.spec.tolerances.precision import (
+    FLASH_BACKWARD_FACTOR,
     backward_bound,
+    empirical_backward_bound,
 )
 
 F64 = npt.NDArray[np.float64]
@@ -297,3 +299,52 @@ def test_d_from_the_rounded_reference_output_is_no_false_alarm(dtype: str) -> No
             w = max(w, ratio(np.abs(x - getattr(ref, g)), bound[g]))
     print("D from the rounded reference output", dtype, round(w, 3))
     assert w <= 1.0
+
+
+def test_the_empirical_criterion() -> None:
+    # FlashAttention's 3x rule: it holds the emulation it is made of (factor 3 >= 1) and
+    # flags dS without -D in float32; it is one number per gradient, not componentwise
+    q, k, v, dout, opts, ref, _ = reference("gaussian", 0, "float32")
+    tol = empirical_backward_bound(q, k, v, dout, dtype="float32", **opts)
+    assert set(tol) == {"dq", "dk", "dv"}
+    assert all(np.unique(t).size == 1 for t in tol.values())
+    good = emulation(q, k, v, dout, dtype="float32", **opts)
+    assert all(np.all(np.abs(good[g] - getattr(ref, g)) <= tol[g]) for g in tol)
+    bad = naive_backward(q, k, v, dout, dtype="float32", subtract_d=False, **opts)
+    assert any(np.any(np.abs(bad[g] - getattr(ref, g)) > tol[g]) for g in tol)
+    assert FLASH_BACKWARD_FACTOR == 3.0
+    with pytest.raises(ValueError, match="factor must be a number"):
+        empirical_backward_bound(q, k, v, dout, dtype="float32", factor=-1.0, **opts)
+
+
+def test_backward_bound_errors() -> None:
+    q = np.zeros((2, 4))
+    with pytest.raises(ValueError, match=r"dout holds values that bfloat16 cannot represent"):
+        backward_bound(q, q, q, np.full((2, 4), 0.1), dtype="bfloat16")
+    with pytest.raises(ValueError, match="logits must be one of"):
+        backward_bound(q, q, q, q, dtype="float16", logits="float16")
+    with pytest.raises(ValueError, match="rescalings must be None or an int"):
+        backward_bound(q, q, q, q, dtype="float16", rescalings=-1)
+    with pytest.raises(TypeError, match="takes no return_lse"):
+        emulated_sdpa_backward(q, q, q, q, dtype="float16", return_lse=True)
+    # 2-D inputs: the bounds have the inputs' shapes
+    b = backward_bound(q, q, q, q, dtype="float16", bias=np.zeros((2, 2)))
+    assert {n: x.shape for n, x in b.items()} == {
+        "dq": (2, 4),
+        "dk": (2, 4),
+        "dv": (2, 4),
+        "dbias": (2, 2),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - the table of docs/tolerances.md
+    print("| kernel | dtype | worst error / bound (family) |")
+    print("|---|---|---|")
+    for kname, (_, _, dts, _) in KERNELS.items():
+        for dt in dts:
+            found = worst(kname, dt)
+            fam = max(found, key=lambda f: found[f])
+            print(f"| {kname} | {dt} | {found[fam]:.3f} ({fam}) |")
+    for bug in ("subtract_d", "scale_dk"):
+        for dt in ("float32", "float16", "bfloat16"):
+            print(f"| bug {bug} | {dt} | {_bug_ratio(dt, **{bug: False}):.1f} |")
