@@ -58,21 +58,11 @@ __all__ = [
 Arr = npt.NDArray[Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: every feature a target may declare (issue 10's list)
+#: every feature a target may declare (issue 10's list, in the vocabulary of
+#: attnspec.spec.conformance.KERNEL_FEATURES, where "mask" covers bool masks and additive
+#: biases both: there is no separate "bias")
 ALL_FEATURES = frozenset(
-    {
-        "mask",
-        "bias",
-        "causal",
-        "window",
-        "gqa",
-        "softcap",
-        "alibi",
-        "sinks",
-        "dropout",
-        "lse",
-        "backward",
-    }
+    {"mask", "causal", "window", "gqa", "softcap", "alibi", "sinks", "dropout", "lse", "backward"}
 )
 #: the forward features every kernel here implements
 FORWARD = ALL_FEATURES - {"backward"}
