@@ -184,6 +184,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(sys.stdout)
 
 
+def _check(args: argparse.Namespace) -> int:
+    from attnspec.spec.conformance import check_command
+
+    return check_command(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnspec",
@@ -223,6 +229,17 @@ def _parser() -> argparse.ArgumentParser:
         "softmax weights, context vector; then attnspec.sdpa and the exact values.",
     )
     demo.set_defaults(run=_demo)
+    from attnspec.spec.conformance import add_arguments
+
+    check = sub.add_parser(
+        "check",
+        help="check an attention kernel (torch, jax, attnspec, module:function)",
+        description="Check an attention kernel against the specification: properties, "
+        "sizes across tiles, input families, gradients; derived tolerances; exit 0 "
+        "conforms, 1 a property failed, 2 bad usage.",
+    )
+    add_arguments(check)
+    check.set_defaults(run=_check)
     return parser
 
 

@@ -1025,9 +1025,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {', '.join(STAGES)}")
 
 
-def check_command(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def check_command(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """``attnspec check`` on parsed arguments: print the reports, write the JSON; the exit
     status (0 conforms, 1 a property failed, 2 bad usage)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     if args.examples < 1:
         print(f"attnspec check: --examples must be >= 1, got {args.examples}", file=err)
         return 2

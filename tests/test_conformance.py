@@ -1,0 +1,188 @@
+"""attnspec check: exit codes, a correct kernel conforms, broken kernels are caught with a
+reproduction that reproduces, the JSON, forms never sent undeclared, the pytest plugin.
+
+Small --examples and one stage at a time keep the file well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from attnspec.cli import main
+from attnspec.spec import conformance as C
+
+ME = __name__
+
+
+def kernel(q: Any, k: Any, v: Any, scale: Any = None, mask: Any = None, bias: Any = None,
+           causal: bool = False, align: Any = None, return_lse: bool = False, **kw: Any) -> Any:
+    """A float64 kernel as kernel authors write one: 4-D, full-shape masks, asserted."""
+    assert q.ndim == 4 and k.ndim == 4 and v.ndim == 4, "only 4-D inputs"
+    assert q.dtype == np.float64 and q.shape[-2] >= 1 and k.shape[-2] >= 1
+    assert v.shape[-1] == q.shape[-1], "Ev = E only"
+    assert not kw, f"undeclared features {sorted(kw)}"
+    L, S = q.shape[-2], k.shape[-2]
+    s = (1 / np.sqrt(q.shape[-1]) if scale is None else scale) * (q @ np.swapaxes(k, -1, -2))
+    vis = np.ones(s.shape, dtype=bool)
+    if mask is not None:
+        assert mask.shape == s.shape, "full-shape masks only"
+        vis &= mask
+    if bias is not None:
+        assert bias.shape == s.shape
+        s = s + np.where(vis, bias, 0.0)
+    if causal:
+        off = S - L if align == "bottom_right" else 0
+        vis &= np.arange(S)[None, :] <= np.arange(L)[:, None] + off
+    s = np.where(vis, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(vis, np.exp(s - m), 0.0)
+    den = e.sum(-1, keepdims=True)
+    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+    out = np.einsum("bhls,bhse->bhle", p, np.where(vis.any(-2)[..., None], np.nan_to_num(v), 0.0))
+    if return_lse:
+        return out, np.where(den[..., 0] > 0, m[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf)
+    return out
+
+
+kernel.attnspec_features = ("mask", "causal", "lse")  # type: ignore[attr-defined]
+
+
+def _broken(name: str, **changes: Any) -> Any:
+    def fn(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+        if name == "scale":
+            kw["scale"] = 1.0 / q.shape[-1]
+        if name == "causal_off_by_one" and kw.get("causal"):
+            kw = {**kw, "causal": False}
+            L, S = q.shape[-2], k.shape[-2]
+            tri = np.arange(S)[None, :] <= np.arange(L)[:, None] + 1
+            kw["mask"] = tri if kw.get("mask") is None else kw["mask"] & tri
+            kw["mask"] = np.broadcast_to(kw["mask"], (*q.shape[:-1], S)).copy()
+        if name == "crash" and q.shape[-2] > 1:
+            raise RuntimeError("boom")
+        res = kernel(q, k, v, **kw)
+        if name == "nan_leak" and kw.get("mask") is not None:
+            out = res[0] if isinstance(res, tuple) else res
+            bad = ~kw["mask"].all(-2)  # a key no query sees: its NaN value leaks
+            leak = np.einsum("bhls,bhse->bhle", np.ones(kw["mask"].shape), np.where(bad[..., None], v, 0.0))
+            out = out + 0.0 * leak
+            return (out, res[1]) if isinstance(res, tuple) else out
+        if name == "shape":
+            out = res[0] if isinstance(res, tuple) else res
+            out = out[..., :-1, :]
+            return (out, res[1]) if isinstance(res, tuple) else out
+        return res
+
+    fn.attnspec_features = kernel.attnspec_features  # type: ignore[attr-defined]
+    return fn
+
+
+wrong_scale = _broken("scale")
+nan_leak = _broken("nan_leak")
+causal_off_by_one = _broken("causal_off_by_one")
+crashes = _broken("crash")
+wrong_shape = _broken("shape")
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "nonsense"]) == 2
+    assert "TARGET must be" in capsys.readouterr().err
+    assert main(["check", "no_such_module_xyz:f"]) == 2
+    assert main(["check", f"{ME}:missing"]) == 2
+    assert main(["check", "attnspec", "--dtype", "bfloat16"]) == 2
+    assert main(["check", f"{ME}:kernel", "--features", "warp"]) == 2
+    assert main(["check", f"{ME}:kernel", "--examples", "0"]) == 2
+    assert main(["check", "torch", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["check", f"{ME}:kernel", "--dtype", "float128"])
+    assert exc.value.code == 2
+
+
+def test_correct_kernel_conforms(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.json"
+    assert main(["check", f"{ME}:kernel", "--examples", "3", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["conforms"] is True
+    rep = data["reports"][0]
+    assert {"target", "dtype", "verdicts", "seconds", "features", "forms"} <= set(rep)
+    v = rep["verdicts"][0]
+    assert {"stage", "name", "verdict", "worst", "not_judged", "message", "reproduction"} <= set(v)
+    assert {x["stage"] for x in rep["verdicts"]} == set(C.STAGES)
+    assert all(x["verdict"] in ("pass", "not applicable") for x in rep["verdicts"])
+    assert sum(x["verdict"] == "pass" for x in rep["verdicts"]) >= 15
+    assert "CONFORMS" in capsys.readouterr().out
+
+
+def test_attnspec_conforms() -> None:
+    t = C.load_target("attnspec")[0]
+    rep = C.run(t, examples=2, stages=("properties", "families"))
+    assert not rep.failed, rep.text()
+
+
+@pytest.mark.parametrize(
+    ("fn", "stages"),
+    [
+        ("wrong_scale", "families"),
+        ("nan_leak", "properties"),
+        ("causal_off_by_one", "sizes"),
+        ("crashes", "sizes"),
+        ("wrong_shape", "families"),
+    ],
+)
+def test_broken_kernels_caught(fn: str, stages: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", f"{ME}:{fn}", "--examples", "8", "--stages", stages]) == 1
+    t = C.load_target(f"{ME}:{fn}")[0]
+    rep = C.run(t, examples=8, stages=(stages,))
+    failed = rep.failed
+    assert failed
+    snippet = failed[0].reproduction
+    assert snippet
+    with pytest.raises((AssertionError, RuntimeError, Exception)):
+        exec(snippet, {})
+
+
+def test_reproduction_passes_for_the_correct_kernel() -> None:
+    t = C.load_target(f"{ME}:kernel")[0]
+    case = C.sized_case(65, 63, 59, seed=0, features=["mask", "causal"], variant=1)
+    res = C.judge(t, case)
+    assert res["worst"] <= 1
+
+
+def test_harness_survives_bad_results() -> None:
+    def tuple_out(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+        return (kernel(q, k, v), None)
+
+    def float32_out(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+        return kernel(q, k, v).astype(np.float32)
+
+    for fn, text in ((tuple_out, "tuple"), (float32_out, "dtype float32")):
+        t = C.Target(name="bad", fn=fn, spec="x:y")
+        rep = C.run(t, examples=2, stages=("families",))
+        assert rep.failed and text in rep.failed[0].message
+
+
+def test_plugin(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".txt", skips="families/low_rank  # slow here\n")
+    pytester.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    res = pytester.runpytest_inprocess(
+        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:kernel",
+        "--attnspec-examples=2", "--attnspec-skips=skips.txt", "-q",
+    )
+    out = res.stdout.str()
+    assert res.ret == 0, out
+    assert "passed" in out and "skipped" in out
+    pytester.makefile(".txt", bad="families/low_rank\n")
+    res = pytester.runpytest_inprocess(
+        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:wrong_scale",
+        "--attnspec-examples=2", "-q",
+    )
+    assert res.ret == 1
+    res = pytester.runpytest_inprocess(
+        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:kernel", "--attnspec-skips=bad.txt",
+    )
+    assert res.ret == 4  # usage error: an entry without a reason
