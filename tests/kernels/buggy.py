@@ -443,7 +443,7 @@ def _backward(
 # -- the buggy kernels ------------------------------------------------------------------
 
 #: name -> kernel
-BUGS: dict[str, Callable[..., Any]] = {}
+BUGS: dict[str, Any] = {}
 
 
 def _register(

@@ -41,8 +41,7 @@ def buggy_targets() -> dict[str, tuple[str, str]]:
     from .buggy import BUGS
 
     return {
-        name: (f"tests.kernels.buggy:{name}", str(fn.attnspec_dtype))  # type: ignore[attr-defined]
-        for name, fn in BUGS.items()
+        name: (f"tests.kernels.buggy:{name}", str(fn.attnspec_dtype)) for name, fn in BUGS.items()
     }
 
 
