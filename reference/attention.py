@@ -64,6 +64,7 @@ __all__ = [
     "SdpaOptions",
     "dropped",
     "evaluate",
+    "key_block",
     "logits",
     "prepare",
     "sdpa",
@@ -380,6 +381,23 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
     """The definition in ``arith`` on ``q``, ``k``, ``v`` with validated ``options``:
     ``out`` or ``(out, lse)`` as the arithmetic's results."""
     prep = prepare(arith, q, k, v, options)
+    if arith.name == "fast" and prep.n_k > _KEY_BLOCK and prep.n_q > 0:
+        # plain float64 walks blocks of keys too, so that its workspace does not grow
+        # with S: the blocks' (o, lse) are merged (attnspec.reference.online)
+        out, lse = _key_blocks(arith, prep)
+    else:
+        out, lse = _row_blocks(arith, prep)
+    if lse.shape != out.shape[:-1]:
+        # v has batch dimensions that q and k lack: the lse (of q and k alone) is the same
+        # along them, and has the documented shape (..., Hq, L) of the output's rows
+        lse = np.array(np.broadcast_to(lse, out.shape[:-1]))
+    if prep.two_d:
+        out, lse = out[0], lse[0]
+    return (out, lse) if options.return_lse else out
+
+
+def _row_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[Any, Any]:
+    """The definition on blocks of query rows, each over all the keys."""
     # Each query row is independent: evaluate blocks of rows so that the (L, S) logits
     # and the arithmetic's temporaries stay within a bounded workspace; each block's
     # results are written into the output (allocated with the first block's dtype).
@@ -399,13 +417,133 @@ def evaluate(arith: Arithmetic[Any], q: object, k: object, v: object, options: S
             lse = np.empty((*lse_block.shape[:-1], n_q), dtype=lse_block.dtype)
         out[..., start:stop, :] = o_block
         lse[..., start:stop] = lse_block
-    if lse.shape != out.shape[:-1]:
-        # v has batch dimensions that q and k lack: the lse (of q and k alone) is the same
-        # along them, and has the documented shape (..., Hq, L) of the output's rows
-        lse = np.array(np.broadcast_to(lse, out.shape[:-1]))
-    if prep.two_d:
-        out, lse = out[0], lse[0]
-    return (out, lse) if options.return_lse else out
+    return out, lse
+
+
+#: keys per block of precision="fast" once S is larger (S <= _KEY_BLOCK: one block of
+#: keys, bit for bit what it was); each block of keys is taken with
+#: _BLOCK_ELEMENTS // (heads * _KEY_BLOCK) query rows. Measured on the 2-core dev machine
+#: (see benchmarks/attention_bench.py and the report of this change).
+_KEY_BLOCK = 4096
+
+
+def _key_cols(a: npt.NDArray[Any] | None, c0: int, c1: int) -> npt.NDArray[Any] | None:
+    """Keys c0:c1 of the key axis (-1) of a (..., L, S) array, if it has one."""
+    if a is None or a.ndim < 1 or a.shape[-1] == 1:
+        return a
+    return a[..., c0:c1]
+
+
+def key_block(prep: Prepared, start: int, stop: int, c0: int, c1: int) -> Block:
+    """What the definition needs for query rows ``start:stop`` and keys ``c0:c1``, without
+    the sink (a blocked evaluation adds it once): the mask, bias, keep-mask, causal and
+    window visibility and ALiBi distances of those keys."""
+    opt = prep.options
+    n = c1 - c0
+    # keys c0:c1 are keys 0:n of a problem whose alignment offset is offset - c0:
+    # j - (i + o) = (j - c0) - (i + o - c0)
+    offset = prep.offset - c0
+    seen = visible(
+        prep.n_q, n, causal=bool(opt.causal), window=opt.window, offset=offset, rows=(start, stop)
+    )
+    block_mask = _key_cols(_query_rows(prep.mask, start, stop), c0, c1)
+    if block_mask is not None:
+        seen = block_mask if seen is None else (block_mask & seen)
+    block_bias = _key_cols(_query_rows(prep.bias, start, stop), c0, c1)
+    if block_bias is not None and np.any(block_bias == -np.inf):
+        shown = block_bias != -np.inf  # a bias of -inf hides its key, like the mask
+        seen = shown if seen is None else (seen & shown)
+    distance = None
+    if prep.slopes is not None:
+        distance = np.abs(relative_position(prep.n_q, n, offset, (start, stop))).astype(np.float64)
+    return Block(
+        tau=prep.tau,
+        softcap=opt.softcap,
+        bias=block_bias,
+        slopes=prep.slopes,
+        distance=distance,
+        seen=seen,
+        sinks=None,
+        keep=_key_cols(_query_rows(prep.keep, start, stop), c0, c1),
+        dropout_p=opt.dropout_p,
+        finite_values=prep.finite_values,
+        first_row=start,
+    )
+
+
+def _key_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[F64, F64]:
+    r"""The definition on blocks of query rows and blocks of keys, merged by their lse.
+
+    Each (rows, keys) block is the definition over those keys alone (:func:`_forward`:
+    its own max-shifted softmax); the partials of a row are merged in key order by
+    :func:`attnspec.reference.online.merge_partials` (claim ``online-partials-merge``),
+    and the sink, if any, once at the end as the partial :math:`(0, \sigma_h)`. The
+    error against the exact value is bounded by
+    :func:`attnspec.spec.tolerances.online.online_sdpa_bound` with ``block_keys`` =
+    ``_KEY_BLOCK``.
+
+    The rows whose result is a special value in any block or at the end (a NaN or
+    :math:`+\infty` logit, a non-finite output: non-finite values, an overflow; nothing
+    visible) are evaluated again over all the keys, on the row blocks of
+    :func:`_row_blocks`: they give exactly what one block of keys gives.
+    """
+    from attnspec.reference.online import merge_partials
+
+    n_q, n_k, kb = prep.n_q, prep.n_k, _KEY_BLOCK
+    heads = max(1, int(np.prod(prep.logits_shape[:-2])))
+    rows = max(1, _BLOCK_ELEMENTS // (heads * kb))
+    out: Any = None
+    lse: Any = None
+    redo = np.zeros(n_q, dtype=bool)
+    for start in range(0, n_q, rows):
+        stop = min(n_q, start + rows)
+        q_rows = prep.q[..., start:stop, :]
+        o_acc: Any = None
+        l_acc: Any = None
+        special: Any = None
+        for c0 in range(0, n_k, kb):
+            c1 = min(n_k, c0 + kb)
+            blk = key_block(prep, start, stop, c0, c1)
+            o_b, l_b = _forward(arith, q_rows, prep.k[..., c0:c1, :], prep.v[..., c0:c1, :], blk)
+            l_b = np.broadcast_to(l_b, o_b.shape[:-1])  # v may have batch dims q, k lack
+            with np.errstate(invalid="ignore"):
+                bad = np.isnan(l_b) | (l_b == np.inf) | ~np.isfinite(o_b).all(axis=-1)
+            special = bad if special is None else (special | bad)
+            if bad.any():  # redone below: keep them out of the merge (+inf twice refuses)
+                l_b = np.where(bad, -np.inf, l_b)
+                o_b = np.where(bad[..., None], 0.0, o_b)
+            if o_acc is None:
+                o_acc, l_acc = o_b, l_b
+            else:
+                o_acc, l_acc = merge_partials(o_acc, l_acc, o_b, l_b)
+        special = special | (l_acc == -np.inf)  # nothing visible: the empty-row rule
+        if prep.sinks is not None:
+            sig = np.broadcast_to(prep.sinks[..., None], np.shape(l_acc))
+            o_acc, l_acc = merge_partials(o_acc, l_acc, np.zeros(np.shape(o_acc)), sig)
+        with np.errstate(invalid="ignore"):
+            special = special | np.isnan(l_acc) | ~np.isfinite(o_acc).all(axis=-1)
+        if out is None:
+            out = np.empty((*o_acc.shape[:-2], n_q, o_acc.shape[-1]))
+            lse = np.empty((*l_acc.shape[:-1], n_q))
+        out[..., start:stop, :] = o_acc
+        lse[..., start:stop] = l_acc
+        special = np.broadcast_to(special, l_acc.shape)
+        redo[start:stop] = special.reshape(-1, stop - start).any(axis=0)
+    if redo.any():
+        for start in prep.row_starts():
+            stop = min(n_q, start + prep.rows_per_block)
+            which = redo[start:stop]
+            if not which.any():
+                continue
+            o_t, l_t = _forward(
+                arith, prep.q[..., start:stop, :], prep.k, prep.v, prep.block(start, stop)
+            )
+            idx = np.arange(start, stop)[which]
+            out[..., idx, :] = np.broadcast_to(o_t, (*out.shape[:-2], stop - start, out.shape[-1]))[
+                ..., which, :
+            ]
+            lse[..., idx] = np.broadcast_to(l_t, (*lse.shape[:-1], stop - start))[..., which]
+    return out, lse
 
 
 @dataclass(frozen=True)

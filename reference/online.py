@@ -66,7 +66,6 @@ work partitioning, ICLR 2024, arXiv:2307.08691.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -702,46 +701,6 @@ def _partials(
     return out
 
 
-def _per_head(value: object, name: str, heads: tuple[int, ...]) -> F64:
-    arr = as_real_float64(value, name)
-    try:
-        ok = np.broadcast_shapes(arr.shape, heads) == heads
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} with shape {arr.shape} does not broadcast to (..., Hq) = {heads}")
-    return arr
-
-
-def _logit_array(value: object, name: str, shape: tuple[int, ...], kind: str) -> Any:
-    arr = as_array(value, name)
-    if kind == "bool" and arr.dtype != np.bool_:
-        meaning = "keep" if name == "dropout_mask" else "may attend"
-        raise TypeError(f"{name} must be a bool array (True = {meaning}), got dtype {arr.dtype}")
-    if kind == "real":
-        arr = as_real_float64(arr, name)
-    try:
-        ok = np.broadcast_shapes(arr.shape, shape) == shape
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"{name} with shape {arr.shape} does not broadcast to (..., Hq, L, S) = {shape}"
-        )
-    return arr
-
-
-def _rows_cols(a: Any, rows: tuple[int, int], cols: tuple[int, int]) -> Any:
-    """The block ``rows x cols`` of a (..., L, S) array (sides of 1 kept: broadcast)."""
-    if a is None:
-        return None
-    if a.ndim < 2:
-        a = a.reshape((1,) * (2 - a.ndim) + a.shape)
-    r = slice(*rows) if a.shape[-2] != 1 else slice(None)
-    c = slice(*cols) if a.shape[-1] != 1 else slice(None)
-    return a[..., r, c]
-
-
 def blocked_sdpa(
     q: npt.ArrayLike,
     k: npt.ArrayLike,
@@ -756,10 +715,11 @@ def blocked_sdpa(
 
     For each block of query rows, the state (:class:`State`) starts empty and every block
     of ``block_keys`` keys is folded in with :func:`update`: its logits (steps 1-4 of the
-    definition in plain float64: :math:`\tau\, q \cdot k`, softcap, bias and ALiBi,
-    visibility from mask, causal, window and a bias of :math:`-\infty`), its values and
-    its keep-mask; the sink is folded in once (:func:`with_sink`) and :func:`finalize`
-    gives the output and lse. The logits of a block are never more than
+    definition in plain float64, :func:`attnspec.reference.attention.logits` on
+    :func:`~attnspec.reference.attention.key_block`: :math:`\tau\, q \cdot k`, softcap,
+    bias and ALiBi, visibility from mask, causal, window and a bias of :math:`-\infty`),
+    its values and its keep-mask; the sink is folded in once (:func:`with_sink`) and
+    :func:`finalize` gives the output and lse. The logits of a block are never more than
     ``block_queries x block_keys`` per head.
 
     Parameters
@@ -791,131 +751,63 @@ def blocked_sdpa(
     >>> blocked_sdpa(q, k, v, block_keys=1, causal=True, align="top_left")[:, 0].tolist()
     [1.0, 1.5]
     """
-    from attnspec.reference.attention import SdpaOptions
-    from attnspec.reference.visibility import alignment_offset, relative_position, visible
+    from attnspec.reference.arith import Fast
+    from attnspec.reference.attention import SdpaOptions, key_block, logits, prepare
 
     opts = SdpaOptions.from_kwargs(options)
-    q64, k64, v64 = (as_real_float64(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    two_d = q64.ndim == 2 and k64.ndim == 2 and v64.ndim == 2
-    if two_d:
-        q64, k64, v64 = q64[None], k64[None], v64[None]
-    for name, arr, letters in (
-        ("q", q64, "(..., Hq, L, E)"),
-        ("k", k64, "(..., Hkv, S, E)"),
-        ("v", v64, "(..., Hkv, S, Ev)"),
-    ):
-        if arr.ndim < 3:
-            raise ValueError(
-                f"{name} must have shape {letters} (at least 3 dimensions, or q, k, v all "
-                f"2-D for one head), got shape {arr.shape}"
-            )
-    hq, n_q, width = q64.shape[-3:]
-    hkv, n_k, width_k = k64.shape[-3:]
-    if width_k != width or v64.shape[-3:-1] != (hkv, n_k) or hkv == 0 or hq % hkv:
-        raise ValueError(
-            f"q {q64.shape}, k {k64.shape} and v {v64.shape} do not fit (..., Hq, L, E), "
-            "(..., Hkv, S, E), (..., Hkv, S, Ev) with Hq a multiple of Hkv"
-        )
-    try:
-        batch = np.broadcast_shapes(q64.shape[:-3], k64.shape[:-3], v64.shape[:-3])
-    except ValueError:
-        raise ValueError(
-            f"the leading (batch) dimensions of q {q64.shape}, k {k64.shape} and v "
-            f"{v64.shape} do not broadcast"
-        ) from None
+    arith = Fast()
+    prep = prepare(arith, q, k, v, opts)  # the definition's checks, naming each argument
     if isinstance(block_keys, bool) or not isinstance(block_keys, int | np.integer):
         raise TypeError(f"block_keys must be an int >= 1, got {block_keys!r}")
     if block_keys < 1:
         raise ValueError(f"block_keys must be >= 1 (keys per block), got {block_keys}")
-    shape = (*batch, hq, n_q, n_k)
-    if opts.scale is None and width == 0:
-        raise ValueError("scale=None needs E > 0 (the default is 1/sqrt(E)); pass scale=")
-    tau = 1.0 / math.sqrt(width) if opts.scale is None else opts.scale
-    mask = None if opts.mask is None else _logit_array(opts.mask, "mask", shape, "bool")
-    keep = (
-        None
-        if opts.dropout_mask is None
-        else _logit_array(opts.dropout_mask, "dropout_mask", shape, "bool")
-    )
-    bias = None if opts.bias is None else _logit_array(opts.bias, "bias", shape, "real")
-    heads = (*batch, hq)
-    slopes = (
-        None if opts.alibi_slopes is None else _per_head(opts.alibi_slopes, "alibi_slopes", heads)
-    )
-    if slopes is not None and not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes must be finite")
-    sinks = None if opts.sinks is None else _per_head(opts.sinks, "sinks", heads)
-    needs = [
-        n
-        for n, on in (
-            ("causal", opts.causal),
-            ("window", opts.window is not None),
-            ("alibi_slopes", slopes is not None),
-        )
-        if on
-    ]
-    offset = alignment_offset(n_q, n_k, opts.align, needed_by=" and ".join(needs)) if needs else 0
-    n_blocks = max(1, -(-n_k // int(block_keys)))
+    b = int(block_keys)
+    n_q, n_k = prep.n_q, prep.n_k
+    n_blocks = max(1, -(-n_k // b))
     walk = list(range(n_blocks)) if order is None else [int(i) for i in order]
     if sorted(walk) != list(range(n_blocks)):
         raise ValueError(
             f"order must be a permutation of the {n_blocks} key blocks 0..{n_blocks - 1}, "
             f"got {order!r}"
         )
-    if hq != hkv:  # query head h reads kv head h // G
-        k64 = np.repeat(k64, hq // hkv, axis=-3)
-        v64 = np.repeat(v64, hq // hkv, axis=-3)
-    per_row = max(1, int(np.prod(heads, dtype=np.int64)) * min(int(block_keys), max(n_k, 1)))
-    rows_per_block = max(1, (1 << 20) // per_row) if block_queries is None else int(block_queries)
-    if rows_per_block < 1:
+    heads = (*prep.batch, prep.hq)
+    if block_queries is None:
+        per_row = max(1, int(np.prod(heads, dtype=np.int64)) * min(b, max(n_k, 1)))
+        rows_per_block = max(1, (1 << 20) // per_row)
+    elif isinstance(block_queries, bool) or not isinstance(block_queries, int | np.integer):
+        raise TypeError(f"block_queries must be an int >= 1, got {block_queries!r}")
+    elif block_queries < 1:
         raise ValueError(f"block_queries must be >= 1, got {block_queries}")
-    kt = np.swapaxes(k64, -1, -2)
-    width_v = v64.shape[-1]
+    else:
+        rows_per_block = int(block_queries)
+    width_v = prep.v.shape[-1]
     outs, lses = [], []
     for r0 in range(0, max(n_q, 1), rows_per_block):
         r1 = min(n_q, r0 + rows_per_block)
-        state = empty_state((*batch, hq, r1 - r0), width_v)
-        qb = q64[..., r0:r1, :]
+        state = empty_state((*heads, r1 - r0), width_v)
+        q_rows = prep.q[..., r0:r1, :]
         for blk in walk:
-            c0, c1 = blk * int(block_keys), min(n_k, (blk + 1) * int(block_keys))
+            c0, c1 = blk * b, min(n_k, (blk + 1) * b)
             if c1 <= c0:
                 continue
-            with np.errstate(invalid="ignore", over="ignore"):
-                s = np.matmul(qb, kt[..., c0:c1]) * tau  # 1. tau q.k
-                if opts.softcap is not None:  # 2. c tanh(s / c)
-                    s = opts.softcap * np.tanh(s / opts.softcap)
-                b_blk = _rows_cols(bias, (r0, r1), (c0, c1))
-                if b_blk is not None:  # 3. bias and ALiBi
-                    s = s + b_blk
-                if slopes is not None:
-                    dist = np.abs(relative_position(n_q, n_k, offset, (r0, r1))[:, c0:c1])
-                    s = s - slopes[..., None, None] * dist.astype(np.float64)
-            # 4. visibility: mask, causal, window, a bias of -inf
-            seen = visible(
-                n_q, n_k, causal=bool(opts.causal), window=opts.window, offset=offset, rows=(r0, r1)
+            # steps 1-4 of the definition for these rows and keys: the logits, -inf at
+            # the hidden keys (whatever they held), and the keep-mask
+            lg = logits(
+                arith,
+                q_rows,
+                prep.k[..., c0:c1, :],
+                prep.v[..., c0:c1, :],
+                key_block(prep, r0, r1, c0, c1),
             )
-            seen = None if seen is None else seen[:, c0:c1]
-            m_blk = _rows_cols(mask, (r0, r1), (c0, c1))
-            if m_blk is not None:
-                seen = m_blk if seen is None else (m_blk & seen)
-            if b_blk is not None:
-                shown = b_blk != -np.inf
-                seen = shown if seen is None else (seen & shown)
-            s = np.broadcast_to(s, (*batch, hq, r1 - r0, c1 - c0))
-            state = update(
-                state,
-                s,
-                v64[..., c0:c1, :],
-                visible=seen,
-                keep=_rows_cols(keep, (r0, r1), (c0, c1)),
-            )
-        if sinks is not None:
-            state = with_sink(state, np.broadcast_to(sinks[..., None], state.rows))
+            s = np.broadcast_to(lg.approx, (*heads, r1 - r0, c1 - c0))
+            state = update(state, s, lg.v, keep=lg.keep)
+        if prep.sinks is not None:
+            state = with_sink(state, np.broadcast_to(prep.sinks[..., None], state.rows))
         o_blk, l_blk = finalize(state, dropout_p=opts.dropout_p)
         outs.append(o_blk)
         lses.append(l_blk)
     out = np.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
     lse = np.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
-    if two_d:
+    if prep.two_d:
         out, lse = out[0], lse[0]
     return (out, lse) if opts.return_lse else out
