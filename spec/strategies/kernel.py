@@ -139,7 +139,8 @@ def full_form(case: AttentionCase, forms: Iterable[str] = ()) -> KernelForm:
     else:
         logits4 = (1, *full) if two_d else full
         batch = tuple(logits4[:-3])
-    hq, n_q, n_k = logits4[-3], logits4[-2], logits4[-1]
+    hq = logits4[-3] if len(logits4) >= 3 else 1
+    n_q, n_k = logits4[-2], logits4[-1]
     keep_2d = two_d and "two_d" in declared
     if not keep_2d:
         b = math.prod(batch) if batch else 1
