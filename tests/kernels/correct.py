@@ -116,11 +116,14 @@ def rel_pos(n_q: int, n_k: int, o: int) -> npt.NDArray[np.int64]:
 
 
 def visibility(shape: tuple[int, ...], opts: dict[str, Any]) -> npt.NDArray[np.bool_]:
-    """(B, Hq, L, S): True where key j is visible to query i (mask, causal, window)."""
+    """(B, Hq, L, S): True where key j is visible to query i (mask, a bias of -inf,
+    causal, window)."""
     n_q, n_k = shape[-2], shape[-1]
     seen = np.ones(shape, dtype=bool)
     if opts.get("mask") is not None:
         seen = seen & np.broadcast_to(np.asarray(opts["mask"], dtype=bool), shape)
+    if opts.get("bias") is not None:  # a bias of -inf hides its key, whatever q.k holds
+        seen = seen & np.broadcast_to(np.asarray(opts["bias"], dtype=np.float64) != -np.inf, shape)
     if opts.get("causal") or opts.get("window") is not None:
         rel = rel_pos(n_q, n_k, offset_of(n_q, n_k, opts.get("align")))
         if opts.get("causal"):
