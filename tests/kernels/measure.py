@@ -86,8 +86,8 @@ def measure(
     plan: list[tuple[str, str, str, int]] = []
     for name, (spec, dtype) in buggy_targets().items():
         plan += [(name, spec, dtype, s) for s in range(bug_seeds)]
-    for name, (spec, dtype) in CORRECT.items():
-        plan += [(name, spec, dtype, s) for s in range(seeds)]
+    for s in range(seeds):  # seed after seed, so that a cut-short run covers every target
+        plan += [(name, spec, dtype, s) for name, (spec, dtype) in CORRECT.items()]
     if names:
         plan = [p for p in plan if p[0] in names]
     found: dict[str, list[dict[str, Any]]] = {}
@@ -99,8 +99,12 @@ def measure(
         for p in plan:
             results.append(_job(p))
             name, res = results[-1]
+            failed = "; ".join(
+                f"{f['check']} ({f['worst']}) {f['message'][:80]}" for f in res["failed"]
+            )
             print(
-                f"  {name} seed {res['seed']}: exit {res['exit']} in {res['seconds']:.1f} s",
+                f"  {name} seed {res['seed']}: exit {res['exit']} in {res['seconds']:.1f} s"
+                f"  {failed}",
                 file=sys.stderr,
                 flush=True,
             )
