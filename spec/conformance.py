@@ -582,6 +582,38 @@ def _snippet_header(target: Target) -> list[str]:
 _TARGET_INDEX: dict[str, int] = {}
 
 
+def _array_source(a: Any) -> str:
+    """Python source that rebuilds ``a`` exactly: ``np.array([...])`` (shape kept, also
+    when empty), or its bytes in base64 when it is large."""
+    from attnspec.spec.properties._core import array_repr
+
+    arr = np.asarray(a)
+    if arr.size == 0:
+        return f"np.zeros({arr.shape!r}, dtype={arr.dtype.name!r})"
+    if arr.size <= 400:
+        return array_repr(arr)
+    import base64
+
+    data = base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode("ascii")
+    return f"np.frombuffer(__import__('base64').b64decode({data!r}), dtype={arr.dtype.str!r}).reshape({arr.shape!r})"
+
+
+def _case_source(case: AttentionCase) -> str:
+    """``case`` as a call of :class:`AttentionCase` that rebuilds it exactly."""
+    from attnspec.spec.properties._core import float_repr
+
+    def src(val: Any) -> str:
+        if isinstance(val, np.ndarray):
+            return _array_source(val)
+        if isinstance(val, float):
+            return float_repr(val)
+        return repr(val)
+
+    kw = ", ".join(f"{key!r}: {src(val)}" for key, val in case.kwargs.items())
+    qkv = ", ".join(f"{n}={_array_source(getattr(case, n))}" for n in ("q", "k", "v"))
+    return f"AttentionCase({qkv}, kwargs={{{kw}}})"
+
+
 def _index_of(target: Target) -> int:
     return _TARGET_INDEX.get(target.name, 0)
 
@@ -700,7 +732,7 @@ def _run_properties(target: Target, n: int, seed: int, strict: bool, rules: Conv
             _STATS.pop()
         repro = ""
         if verdict == "fail" and last[0] is not None:
-            repro = "\n".join([*_snippet_header(target), f"case = {last[0]!r}",
+            repro = "\n".join([*_snippet_header(target), f"case = {_case_source(last[0])}",
                                f"conformance.reproduce_property(target, {name!r}, case{', strict=True' if strict else ''})"])
         verdicts.append(Verdict("properties", name, text, verdict, count[0], stats.worst if stats.judged else None,
                                 None, stats.not_judged, time.perf_counter() - t0, message, repro))

@@ -16,6 +16,7 @@ from attnspec.cli import main
 from attnspec.spec import conformance as C
 
 ME = __name__
+pytest_plugins = ["pytester"]
 
 
 def kernel(q: Any, k: Any, v: Any, scale: Any = None, mask: Any = None, bias: Any = None,
@@ -134,16 +135,20 @@ def test_attnspec_conforms() -> None:
         ("wrong_shape", "families"),
     ],
 )
-def test_broken_kernels_caught(fn: str, stages: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", f"{ME}:{fn}", "--examples", "8", "--stages", stages]) == 1
-    t = C.load_target(f"{ME}:{fn}")[0]
-    rep = C.run(t, examples=8, stages=(stages,))
-    failed = rep.failed
+def test_broken_kernels_caught(fn: str, stages: str, tmp_path: Any) -> None:
+    path = tmp_path / "r.json"
+    assert main(["check", f"{ME}:{fn}", "--examples", "8", "--stages", stages, "--json", str(path)]) == 1
+    verdicts = json.loads(path.read_text())["reports"][0]["verdicts"]
+    failed = [v for v in verdicts if v["verdict"] == "fail"]
     assert failed
-    snippet = failed[0].reproduction
-    assert snippet
-    with pytest.raises((AssertionError, RuntimeError, Exception)):
-        exec(snippet, {})
+    for v in failed:  # every reproduction reproduces: the same failure, not a NameError
+        snippet = v["reproduction"]
+        assert snippet
+        want = RuntimeError if fn == "crashes" else AssertionError
+        with pytest.raises(want) as exc:
+            exec(snippet, {})
+        if fn == "crashes":
+            assert "boom" in str(exc.value)
 
 
 def test_reproduction_passes_for_the_correct_kernel() -> None:
@@ -168,7 +173,7 @@ def test_harness_survives_bad_results() -> None:
 
 def test_plugin(pytester: pytest.Pytester) -> None:
     pytester.makefile(".txt", skips="families/low_rank  # slow here\n")
-    pytester.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parent))
     res = pytester.runpytest_inprocess(
         "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:kernel",
         "--attnspec-examples=2", "--attnspec-skips=skips.txt", "-q",

@@ -120,6 +120,18 @@ def _per_head(name: str, a: Any, batch: tuple[int, ...], hq: int) -> F64:
     return np.array(flat[0] if flat.shape[0] else np.zeros(hq), dtype=np.float64)
 
 
+def _squeezed(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``a`` with every axis along which it is constant (NaN equal to NaN) cut to size 1:
+    a broadcast form that broadcasts back to ``a.shape`` exactly."""
+    out = np.asarray(a)
+    for axis in range(out.ndim):
+        if out.shape[axis] > 1:
+            first = np.take(out, [0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, out.shape), out, equal_nan=out.dtype.kind == "f"):
+                out = first
+    return np.array(out)
+
+
 def full_form(case: AttentionCase, forms: Iterable[str] = ()) -> KernelForm:
     """``case`` in the kernel form (see the module docstring), keeping the extra
     ``forms`` declared; :class:`FormError` where it has no such form."""
@@ -156,6 +168,17 @@ def full_form(case: AttentionCase, forms: Iterable[str] = ()) -> KernelForm:
             for name in _PER_HEAD:
                 if kw.get(name) is not None:
                     kw[name] = _per_head(name, kw[name], batch, hq)
+        elif tuple(logits4) != (b, hq, n_q, n_k):
+            # q, k, v lost (or gained) batch axes: the broadcast forms follow them, each
+            # axis kept of size 1 where the argument is constant along it
+            for name in _FULL:
+                if kw.get(name) is not None:
+                    a = np.broadcast_to(np.asarray(kw[name]), logits4).reshape(b, hq, n_q, n_k)
+                    kw[name] = _squeezed(a)
+            for name in _PER_HEAD:
+                if kw.get(name) is not None:
+                    a = np.broadcast_to(np.asarray(kw[name]), (*batch, hq)).reshape(b, hq)
+                    kw[name] = _squeezed(a)
         q, k, v = q.copy(), k.copy(), v.copy()
     e = int(q.shape[-1])
     if ev == e or "ev" in declared:
