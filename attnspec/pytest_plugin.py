@@ -24,8 +24,14 @@ __all__ = ["pytest_addoption", "pytest_collection_modifyitems", "read_skips"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("attnspec", "attnspec conformance checks")
-    g.addoption("--attnspec-target", default=None, help="module:function, torch, jax or attnspec (env ATTNSPEC_TARGET)")
-    g.addoption("--attnspec-skips", default=None, help="file of 'stage/name  # reason' entries to skip")
+    g.addoption(
+        "--attnspec-target",
+        default=None,
+        help="module:function, torch, jax or attnspec (env ATTNSPEC_TARGET)",
+    )
+    g.addoption(
+        "--attnspec-skips", default=None, help="file of 'stage/name  # reason' entries to skip"
+    )
     g.addoption("--attnspec-dtype", default="float64", help="the dtype the target works in")
     g.addoption("--attnspec-examples", type=int, default=6, help="Hypothesis examples per property")
     g.addoption("--attnspec-seed", type=int, default=0)
@@ -41,7 +47,9 @@ def read_skips(path: str | os.PathLike[str]) -> dict[str, str]:
             continue
         entry, _, reason = line.partition("#")
         if not reason.strip():
-            raise ValueError(f"{path}:{n}: {entry.strip()!r} gives no reason (write 'stage/name  # why')")
+            raise ValueError(
+                f"{path}:{n}: {entry.strip()!r} gives no reason (write 'stage/name  # why')"
+            )
         out[entry.strip()] = reason.strip()
     return out
 
@@ -68,7 +76,9 @@ class AttnspecItem(pytest.Item):
         return ("attnspec", None, self.name)
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     text = config.getoption("--attnspec-target") or os.environ.get("ATTNSPEC_TARGET")
     if not text:
         return
@@ -81,7 +91,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     except (ValueError, OSError) as exc:
         raise pytest.UsageError(f"attnspec: {exc}") from None
     for t in targets:
-        rep = run(t, examples=config.getoption("--attnspec-examples"), seed=config.getoption("--attnspec-seed"))
+        rep = run(
+            t,
+            examples=config.getoption("--attnspec-examples"),
+            seed=config.getoption("--attnspec-seed"),
+        )
         for v in rep.verdicts:
             key = f"{v.stage}/{v.name}"
-            items.append(AttnspecItem.from_parent(session, name=f"attnspec::{t.name}::{key}", verdict=v, skip=skips.get(key)))
+            items.append(
+                AttnspecItem.from_parent(
+                    session, name=f"attnspec::{t.name}::{key}", verdict=v, skip=skips.get(key)
+                )
+            )

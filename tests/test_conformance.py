@@ -19,8 +19,18 @@ ME = __name__
 pytest_plugins = ["pytester"]
 
 
-def kernel(q: Any, k: Any, v: Any, scale: Any = None, mask: Any = None, bias: Any = None,
-           causal: bool = False, align: Any = None, return_lse: bool = False, **kw: Any) -> Any:
+def kernel(
+    q: Any,
+    k: Any,
+    v: Any,
+    scale: Any = None,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool = False,
+    align: Any = None,
+    return_lse: bool = False,
+    **kw: Any,
+) -> Any:
     """A float64 kernel as kernel authors write one: 4-D, full-shape masks, asserted."""
     assert q.ndim == 4 and k.ndim == 4 and v.ndim == 4, "only 4-D inputs"
     assert q.dtype == np.float64 and q.shape[-2] >= 1 and k.shape[-2] >= 1
@@ -44,9 +54,13 @@ def kernel(q: Any, k: Any, v: Any, scale: Any = None, mask: Any = None, bias: An
     e = np.where(vis, np.exp(s - m), 0.0)
     den = e.sum(-1, keepdims=True)
     p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    out = np.einsum("bhls,bhse->bhle", p, np.where(vis.any(-2)[..., None], np.nan_to_num(v), 0.0))
+    out = np.einsum(
+        "bhls,bhse->bhle", p, np.where(np.asarray(vis.any(-2))[..., None], np.nan_to_num(v), 0.0)
+    )
     if return_lse:
-        return out, np.where(den[..., 0] > 0, m[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf)
+        return out, np.where(
+            den[..., 0] > 0, m[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf
+        )
     return out
 
 
@@ -69,7 +83,9 @@ def _broken(name: str, **changes: Any) -> Any:
         if name == "nan_leak" and kw.get("mask") is not None:
             out = res[0] if isinstance(res, tuple) else res
             bad = ~kw["mask"].all(-2)  # a key no query sees: its NaN value leaks
-            leak = np.einsum("bhls,bhse->bhle", np.ones(kw["mask"].shape), np.where(bad[..., None], v, 0.0))
+            leak = np.einsum(
+                "bhls,bhse->bhle", np.ones(kw["mask"].shape), np.where(bad[..., None], v, 0.0)
+            )
             out = out + 0.0 * leak
             return (out, res[1]) if isinstance(res, tuple) else out
         if name == "shape":
@@ -97,6 +113,8 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "attnspec", "--dtype", "bfloat16"]) == 2
     assert main(["check", f"{ME}:kernel", "--features", "warp"]) == 2
     assert main(["check", f"{ME}:kernel", "--examples", "0"]) == 2
+    assert main(["check", f"{ME}:kernel", "--stages", "families", "--only", "no_such_check"]) == 2
+    assert "names no check" in capsys.readouterr().err
     assert main(["check", "torch", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -121,7 +139,7 @@ def test_correct_kernel_conforms(tmp_path: Any, capsys: pytest.CaptureFixture[st
 
 def test_attnspec_conforms() -> None:
     t = C.load_target("attnspec")[0]
-    rep = C.run(t, examples=2, stages=("properties", "families"))
+    rep = C.run(t, examples=2, stages=("properties", "families", "backward"))
     assert not rep.failed, rep.text()
 
 
@@ -129,7 +147,7 @@ def test_attnspec_conforms() -> None:
     ("fn", "stages"),
     [
         ("wrong_scale", "families"),
-        ("nan_leak", "properties"),
+        ("nan_leak", "properties/hidden_values"),
         ("causal_off_by_one", "sizes"),
         ("crashes", "sizes"),
         ("wrong_shape", "families"),
@@ -137,7 +155,9 @@ def test_attnspec_conforms() -> None:
 )
 def test_broken_kernels_caught(fn: str, stages: str, tmp_path: Any) -> None:
     path = tmp_path / "r.json"
-    assert main(["check", f"{ME}:{fn}", "--examples", "8", "--stages", stages, "--json", str(path)]) == 1
+    stage, _, only = stages.partition("/")  # one check: shrinking each failure takes seconds
+    args = ["check", f"{ME}:{fn}", "--examples", "8", "--stages", stage, "--json", str(path)]
+    assert main([*args, "--only", only] if only else args) == 1
     verdicts = json.loads(path.read_text())["reports"][0]["verdicts"]
     failed = [v for v in verdicts if v["verdict"] == "fail"]
     assert failed
@@ -175,19 +195,29 @@ def test_plugin(pytester: pytest.Pytester) -> None:
     pytester.makefile(".txt", skips="families/low_rank  # slow here\n")
     pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parent))
     res = pytester.runpytest_inprocess(
-        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:kernel",
-        "--attnspec-examples=2", "--attnspec-skips=skips.txt", "-q",
+        "-p",
+        "attnspec.pytest_plugin",
+        f"--attnspec-target={ME}:kernel",
+        "--attnspec-examples=2",
+        "--attnspec-skips=skips.txt",
+        "-q",
     )
     out = res.stdout.str()
     assert res.ret == 0, out
     assert "passed" in out and "skipped" in out
     pytester.makefile(".txt", bad="families/low_rank\n")
     res = pytester.runpytest_inprocess(
-        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:wrong_scale",
-        "--attnspec-examples=2", "-q",
+        "-p",
+        "attnspec.pytest_plugin",
+        f"--attnspec-target={ME}:wrong_scale",
+        "--attnspec-examples=2",
+        "-q",
     )
     assert res.ret == 1
     res = pytester.runpytest_inprocess(
-        "-p", "attnspec.pytest_plugin", f"--attnspec-target={ME}:kernel", "--attnspec-skips=bad.txt",
+        "-p",
+        "attnspec.pytest_plugin",
+        f"--attnspec-target={ME}:kernel",
+        "--attnspec-skips=bad.txt",
     )
     assert res.ret == 4  # usage error: an entry without a reason

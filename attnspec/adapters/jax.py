@@ -25,7 +25,9 @@ def jax_target(*, dtype: str = "float32", accumulate: str | None = None) -> Targ
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     if dtype not in ("float64", "float32", "float16", "bfloat16"):
-        raise ValueError(f"jax has no {dtype} attention here; --dtype float32, float16, bfloat16 or float64")
+        raise ValueError(
+            f"jax has no {dtype} attention here; --dtype float32, float16, bfloat16 or float64"
+        )
     import jax.numpy as jnp
 
     def fn(q: Any, k: Any, v: Any, return_lse: bool = False, **kw: Any) -> Any:
@@ -56,12 +58,24 @@ def jax_target(*, dtype: str = "float32", accumulate: str | None = None) -> Targ
                 lws = (10**9 if left is None else int(left), 10**9 if right is None else int(right))
         t = lambda a: jnp.asarray(np.swapaxes(np.asarray(a), -2, -3))  # noqa: E731
         bias = None if kw.get("bias") is None else jnp.asarray(np.asarray(kw["bias"]))
-        jm = None if mask is None else jnp.asarray(np.broadcast_to(mask, (q.shape[0], q.shape[1], L, S)))
-        res = jax.nn.dot_product_attention(
-            t(q), t(k), t(v), bias=bias, mask=jm, scale=kw.get("scale"), is_causal=causal,
-            local_window_size=lws, return_residual=return_lse,
+        jm = (
+            None
+            if mask is None
+            else jnp.asarray(np.broadcast_to(mask, (q.shape[0], q.shape[1], L, S)))
         )
-        out, lse = (res if return_lse else (res, None))
+        dpa: Any = jax.nn.dot_product_attention  # return_residual: a bool, not a Literal
+        res = dpa(
+            t(q),
+            t(k),
+            t(v),
+            bias=bias,
+            mask=jm,
+            scale=kw.get("scale"),
+            is_causal=causal,
+            local_window_size=lws,
+            return_residual=return_lse,
+        )
+        out, lse = res if return_lse else (res, None)
         o = np.swapaxes(np.asarray(out), -2, -3)
         if not return_lse:
             return o

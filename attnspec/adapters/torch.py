@@ -123,7 +123,9 @@ def _flex_fn(dtype: str, device: str) -> Any:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = flex_attention(tq, tk, tv, score_mod=score_mod, scale=kw.get("scale"), enable_gqa=gqa)
+            out = flex_attention(
+                tq, tk, tv, score_mod=score_mod, scale=kw.get("scale"), enable_gqa=gqa
+            )
         return _from_torch(torch, out, dtype)
 
     return fn
@@ -142,7 +144,11 @@ def _runs(fn: Any, dtype: str) -> str | None:
 
 
 def torch_targets(
-    *, dtype: str = "float64", accumulate: str | None = None, device: str = "cpu", backend: str | None = None
+    *,
+    dtype: str = "float64",
+    accumulate: str | None = None,
+    device: str = "cpu",
+    backend: str | None = None,
 ) -> list[Target]:
     """One target per SDPA backend that runs on ``device`` in ``dtype`` (``backend``: that
     one only), and FlexAttention (eager) on the CPU. ValueError where none runs, or the
@@ -154,7 +160,9 @@ def torch_targets(
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)")
+        raise ValueError(
+            "--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False)"
+        )
     names = [backend] if backend else [*BACKENDS, "flex"]
     targets, why = [], {}
     feats = frozenset({"mask", "causal", "gqa"})
@@ -172,13 +180,22 @@ def torch_targets(
             continue
         targets.append(
             Target(
-                name=f"torch[{name}]", fn=fn, features=feats, dtype=dtype,
-                accumulate=accumulate, spec="torch",
+                name=f"torch[{name}]",
+                fn=fn,
+                features=feats,
+                dtype=dtype,
+                accumulate=accumulate,
+                spec="torch",
                 note=f"torch {torch.__version__} {device}, backend {name}",
             )
         )
     if not targets:
         raise ValueError(f"no torch backend runs on {device} in {dtype}: {why}")
     for t in targets:
-        object.__setattr__(t, "note", t.note + ("; not run: " + "; ".join(f"{k} ({v})" for k, v in why.items()) if why else ""))
+        object.__setattr__(
+            t,
+            "note",
+            t.note
+            + ("; not run: " + "; ".join(f"{k} ({v})" for k, v in why.items()) if why else ""),
+        )
     return targets

@@ -113,7 +113,8 @@ def _per_head(name: str, a: Any, batch: tuple[int, ...], hq: int) -> F64:
     try:
         full = np.broadcast_to(arr, (*batch, hq))
     except ValueError:
-        raise FormError(f"{name} of shape {arr.shape} does not broadcast to {(*batch, hq)}")
+        msg = f"{name} of shape {arr.shape} does not broadcast to {(*batch, hq)}"
+        raise FormError(msg) from None
     flat = full.reshape(-1, hq)
     if flat.shape[0] and not (flat == flat[:1]).all() and not np.isnan(flat).all():
         raise FormError(f"{name} of shape {arr.shape} differs along the batch: no (Hq,) form")
@@ -127,7 +128,9 @@ def _squeezed(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     for axis in range(out.ndim):
         if out.shape[axis] > 1:
             first = np.take(out, [0], axis=axis)
-            if np.array_equal(np.broadcast_to(first, out.shape), out, equal_nan=out.dtype.kind == "f"):
+            if np.array_equal(
+                np.broadcast_to(first, out.shape), out, equal_nan=out.dtype.kind == "f"
+            ):
                 out = first
     return np.array(out)
 
@@ -157,9 +160,15 @@ def full_form(case: AttentionCase, forms: Iterable[str] = ()) -> KernelForm:
     if not keep_2d:
         b = math.prod(batch) if batch else 1
         hkv = int(k.shape[-3]) if k.ndim >= 3 else 1
-        q = np.broadcast_to(q.reshape(q.shape if q.ndim >= 3 else (1, *q.shape)), (*batch, hq, n_q, q.shape[-1])).reshape(b, hq, n_q, q.shape[-1])
-        k = np.broadcast_to(k.reshape(k.shape if k.ndim >= 3 else (1, *k.shape)), (*batch, hkv, n_k, k.shape[-1])).reshape(b, hkv, n_k, k.shape[-1])
-        v = np.broadcast_to(v.reshape(v.shape if v.ndim >= 3 else (1, *v.shape)), (*batch, hkv, n_k, ev)).reshape(b, hkv, n_k, ev)
+        q = np.broadcast_to(
+            q.reshape(q.shape if q.ndim >= 3 else (1, *q.shape)), (*batch, hq, n_q, q.shape[-1])
+        ).reshape(b, hq, n_q, q.shape[-1])
+        k = np.broadcast_to(
+            k.reshape(k.shape if k.ndim >= 3 else (1, *k.shape)), (*batch, hkv, n_k, k.shape[-1])
+        ).reshape(b, hkv, n_k, k.shape[-1])
+        v = np.broadcast_to(
+            v.reshape(v.shape if v.ndim >= 3 else (1, *v.shape)), (*batch, hkv, n_k, ev)
+        ).reshape(b, hkv, n_k, ev)
         if "broadcast" not in declared:
             for name in _FULL:
                 if kw.get(name) is not None:
@@ -236,7 +245,9 @@ def kernel_cases(
     feats = frozenset(features) & set(FEATURES)
     declared = frozenset(forms)
     magnitude = None if dtype == "float64" else "moderate"
-    base = attention_cases(features=feats, max_side=max_side, max_width=max_width, magnitude=magnitude)
+    base = attention_cases(
+        features=feats, max_side=max_side, max_width=max_width, magnitude=magnitude
+    )
     if "empty" not in declared:
         base = base.filter(lambda c: c.n_queries > 0 and c.n_keys > 0 and 0 not in c.logits_shape)
 
@@ -246,7 +257,7 @@ def kernel_cases(
         except FormError:
             return None
 
-    return base.map(fit).filter(lambda c: c is not None)  # type: ignore[return-value]
+    return base.map(fit).filter(lambda c: c is not None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,7 +295,13 @@ def _shapes(features: frozenset[str]) -> tuple[int, int, int]:
 
 
 def _modifiers(
-    rng: np.random.Generator, features: frozenset[str], b: int, hq: int, L: int, S: int, variant: int
+    rng: np.random.Generator,
+    features: frozenset[str],
+    b: int,
+    hq: int,
+    L: int,
+    S: int,
+    variant: int,
 ) -> dict[str, Any]:
     """The modifiers of variant ``variant`` (0: none, 1: causal, 2: mask and bias,
     3: window, 4: softcap, ALiBi and sinks) among the declared ``features``."""
@@ -370,7 +387,9 @@ def _family(
         mean_k = k.mean(axis=-2, keepdims=True)
         hq, hkv = q.shape[-3], k.shape[-3]
         mk = np.repeat(mean_k, hq // hkv, axis=-3)
-        q = q - 4.0 * mk / np.maximum(np.linalg.norm(mk, axis=-1, keepdims=True), 1e-12) * math.sqrt(e)
+        q = q - 4.0 * mk / np.maximum(
+            np.linalg.norm(mk, axis=-1, keepdims=True), 1e-12
+        ) * math.sqrt(e)
     elif family == "logit_offset":  # a shared offset in every logit of a row
         root = 16.0
         q[..., 0] = root
@@ -394,7 +413,9 @@ def family_case(
 ) -> AttentionCase:
     """A problem of the input family ``family`` (:data:`FAMILIES`): outlier channels,
     large norms, low rank, near-duplicate keys, strongly negative rows, logit offsets."""
-    return sized_case(L, S, E, seed=seed, dtype=dtype, features=features, variant=variant, family=family)
+    return sized_case(
+        L, S, E, seed=seed, dtype=dtype, features=features, variant=variant, family=family
+    )
 
 
 #: the cases of a stage: (label, builder of the case)
