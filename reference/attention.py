@@ -422,9 +422,15 @@ def _row_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[Any, Any]:
 
 #: keys per block of precision="fast" once S is larger (S <= _KEY_BLOCK: one block of
 #: keys, bit for bit what it was); each block of keys is taken with
-#: _BLOCK_ELEMENTS // (heads * _KEY_BLOCK) query rows. Measured on the 2-core dev machine
-#: (see benchmarks/attention_bench.py and the report of this change).
-_KEY_BLOCK = 4096
+#: _KEY_BLOCK_ELEMENTS // (heads * _KEY_BLOCK) query rows. Measured on the 2-core dev
+#: machine (min of 2 rounds, (B, H, L, S, E) = (1, 1, 16384, 16384, 64)): one block of
+#: keys (64 rows) 3.05 s; blocks of 2048 keys x 512 rows 3.03 s, 4096 x 256 2.76 s,
+#: 4096 x 128 2.80 s, 4096 x 512 4.38 s, 8192 x 128 2.44 s, 8192 x 256 3.39 s; at
+#: (1, 1, 65536, 65536, 64) (one round, a loaded machine) 8192 x 128 86 s, 4096 x 256
+#: 99 s, 16384 x 64 236 s, 8192 x 64 491 s. At S = 4096 blocks of keys were slower
+#: (1.1x to 1.35x of one block): S <= 8192 keeps one block.
+_KEY_BLOCK = 8192
+_KEY_BLOCK_ELEMENTS = 1 << 20
 
 
 def _key_cols(a: npt.NDArray[Any] | None, c0: int, c1: int) -> npt.NDArray[Any] | None:
@@ -477,7 +483,9 @@ def _key_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[F64, F64]:
     Each (rows, keys) block is the definition over those keys alone (:func:`_forward`:
     its own max-shifted softmax); the partials of a row are merged in key order by
     :func:`attnspec.reference.online.merge_partials` (claim ``online-partials-merge``),
-    and the sink, if any, once at the end as the partial :math:`(0, \sigma_h)`. The
+    and the sink, if any, once at the end as the partial :math:`(0, \sigma_h)`. A block
+    in which no row sees a key (causal, window, mask) is skipped: its partial
+    :math:`(0, -\infty)` is the merge's identity (claim ``online-hidden-block``). The
     error against the exact value is bounded by
     :func:`attnspec.spec.tolerances.online.online_sdpa_bound` with ``block_keys`` =
     ``_KEY_BLOCK``.
@@ -491,9 +499,9 @@ def _key_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[F64, F64]:
 
     n_q, n_k, kb = prep.n_q, prep.n_k, _KEY_BLOCK
     heads = max(1, int(np.prod(prep.logits_shape[:-2])))
-    rows = max(1, _BLOCK_ELEMENTS // (heads * kb))
-    out: Any = None
-    lse: Any = None
+    rows = max(1, _KEY_BLOCK_ELEMENTS // (heads * kb))
+    out = np.empty((*prep.batch, prep.hq, n_q, prep.v.shape[-1]))
+    lse = np.empty((*prep.batch, prep.hq, n_q))
     redo = np.zeros(n_q, dtype=bool)
     for start in range(0, n_q, rows):
         stop = min(n_q, start + rows)
@@ -504,6 +512,8 @@ def _key_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[F64, F64]:
         for c0 in range(0, n_k, kb):
             c1 = min(n_k, c0 + kb)
             blk = key_block(prep, start, stop, c0, c1)
+            if blk.seen is not None and not blk.seen.any():
+                continue  # nothing visible (causal, window, mask): the merge's identity
             o_b, l_b = _forward(arith, q_rows, prep.k[..., c0:c1, :], prep.v[..., c0:c1, :], blk)
             l_b = np.broadcast_to(l_b, o_b.shape[:-1])  # v may have batch dims q, k lack
             with np.errstate(invalid="ignore"):
@@ -516,15 +526,15 @@ def _key_blocks(arith: Arithmetic[Any], prep: Prepared) -> tuple[F64, F64]:
                 o_acc, l_acc = o_b, l_b
             else:
                 o_acc, l_acc = merge_partials(o_acc, l_acc, o_b, l_b)
+        if o_acc is None:  # no key block with a visible key: every row is empty
+            redo[start:stop] = True
+            continue
         special = special | (l_acc == -np.inf)  # nothing visible: the empty-row rule
         if prep.sinks is not None:
             sig = np.broadcast_to(prep.sinks[..., None], np.shape(l_acc))
             o_acc, l_acc = merge_partials(o_acc, l_acc, np.zeros(np.shape(o_acc)), sig)
         with np.errstate(invalid="ignore"):
             special = special | np.isnan(l_acc) | ~np.isfinite(o_acc).all(axis=-1)
-        if out is None:
-            out = np.empty((*o_acc.shape[:-2], n_q, o_acc.shape[-1]))
-            lse = np.empty((*l_acc.shape[:-1], n_q))
         out[..., start:stop, :] = o_acc
         lse[..., start:stop] = l_acc
         special = np.broadcast_to(special, l_acc.shape)
