@@ -599,6 +599,31 @@ class Report:
 
 #: check name -> (max L and S, max E): as in the attention battery
 _SIDES = {"agreement": (16, 32)}
+#: seconds a failing property is shrunk for (Hypothesis shrinks for minutes otherwise: each
+#: step evaluates the property and its bounds); the smallest failure found is reported
+SHRINK_SECONDS = 3
+
+
+@contextlib.contextmanager
+def _shrink_limit() -> Iterator[None]:
+    """Hypothesis shrinks a failure for at most :data:`SHRINK_SECONDS` for the duration
+    (its engine's limit, 300 s by default; the smallest failure found by then is reported)."""
+    try:
+        from hypothesis.internal.conjecture import engine
+    except ImportError:  # pragma: no cover - another Hypothesis layout: its own limit
+        yield
+        return
+    old = getattr(engine, "MAX_SHRINKING_SECONDS", None)
+    if old is None:  # pragma: no cover
+        yield
+        return
+    engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS
+    try:
+        yield
+    finally:
+        engine.MAX_SHRINKING_SECONDS = old
+
+
 #: examples cap per check relative to --examples (the certified reference is slow)
 _CAPS = {"agreement": 0.5, "dropout": 0.6}
 
@@ -812,7 +837,7 @@ def _run_properties(
         t0 = time.perf_counter()
         verdict, message = "pass", ""
         try:
-            with _kernel_bounds(target):
+            with _kernel_bounds(target), _shrink_limit():
                 test()
         except Unsatisfiable:
             verdict = "not applicable"
