@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from attnspec.reference.arith import Arithmetic, get_arithmetic
+from attnspec.reference.arith import Arithmetic, Move, get_arithmetic
 from attnspec.reference.attention import (
     Prepared,
     SdpaOptions,
@@ -480,7 +480,7 @@ def _block_gradients(
 
     # dP~ = dO V^T (sink column: value 0), then through dropout: dP = dP~ kappa r
     dpd = _product(arith, do, g_out != 0, np.swapaxes(lg.v, -1, -2))
-    dp = dropped(arith, dpd, lg.keep, blk.dropout_p)
+    dp = _rescaled(arith, dpd, lg.keep, blk.dropout_p)
     # D_i = sum_e dO_ie O_ie, from the output the forward gives
     big_d = arith.matmul(arith.mul(do, o), arith.lift(np.ones((g_out.shape[-1], 1))))
     shifted = arith.sub(dp, big_d)
@@ -516,6 +516,19 @@ def _block_gradients(
     return _Part(dq, dk, dv, dbias, dsinks)
 
 
+def _rescaled(arith: Arithmetic[Any], x: Any, keep: Bool | None, dropout_p: float) -> Any:
+    r""":math:`x\, \kappa / (1 - p_{\mathrm{drop}})` as a product with the reciprocal
+    :math:`r = 1/(1 - p_{\mathrm{drop}})` (the same number in exact arithmetic): ``x`` here
+    is :math:`dO\, V^\top`, which may be near the float64 range, where a double-double
+    quotient loses its low part and a product does not (DoubleDouble.mul scales huge
+    operands)."""
+    if keep is None:
+        return x
+    one = arith.lift(np.ones(()))
+    r = arith.div(one, arith.sub(one, arith.lift(np.asarray(dropout_p, dtype=np.float64))))
+    return arith.mul(arith.mul(x, arith.lift(keep.astype(np.float64))), r)
+
+
 def _product(arith: Arithmetic[Any], a: Any, nonzero: Bool, b: F64) -> Any:
     r""":math:`\sum_j a_{ij} b_{jk}` over the last two axes, where a term with
     :math:`a_{ij} = 0` (``nonzero`` False) is 0 even if :math:`b_{jk}` is not finite (a
@@ -549,17 +562,30 @@ def _summed(arith: Arithmetic[Any], x: Any, full: tuple[int, ...], target: tuple
 
     flat = arith.rearrange(x, moved)
     if n == 0:
-        total = arith.rearrange(arith.lift(np.zeros(())), lambda a: np.broadcast_to(a, kept_shape))
+
+        def zeros(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+            return np.broadcast_to(a, kept_shape)
+
+        total = arith.rearrange(arith.lift(np.zeros(())), zeros)
     elif n <= 8:
         total = arith.rearrange(flat, lambda a: a[..., 0])
         for i in range(1, n):
-            total = arith.add(total, arith.rearrange(flat, lambda a, i=i: a[..., i]))
+            total = arith.add(total, arith.rearrange(flat, _entry(i)))
     else:
         row = arith.rearrange(flat, lambda a: a[..., None, :])
         total = arith.rearrange(
             arith.matmul(row, arith.lift(np.ones((n, 1)))), lambda a: a[..., 0, 0]
         )
     return arith.rearrange(total, lambda a: np.broadcast_to(a, kept_shape).reshape(target))
+
+
+def _entry(i: int) -> Move:
+    """The layout change that takes entry ``i`` of the last axis."""
+
+    def take(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        return a[..., i]
+
+    return take
 
 
 def _kv_heads(

@@ -1271,7 +1271,7 @@ def _backward_battery(
                 f.q.shape != np.shape(q)
                 or f.k.shape != np.shape(k)
                 or any(x.shape != np.shape(v) for x in f.vs)
-                or any(np.shape(f.kwargs.get(n_)) != np.shape(kw[n_]) for n_ in kw)
+                or any(np.shape(f.kwargs.get(n_)) != np.shape(kw[n_]) for n_ in kw)  # type: ignore[arg-type]
             ):
                 reject()  # the gradients of a rewritten form are not the case's
             return target.call_backward(case, np.asarray(dout, float), dlse)

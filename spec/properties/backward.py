@@ -438,7 +438,7 @@ def _hidden_keys(case: AttentionCase) -> Bools:
         return np.asarray(~seen)
     hq, hkv = seen.shape[-2], case.k.shape[-3]
     seen = seen.reshape((*seen.shape[:-2], hkv, hq // hkv, seen.shape[-1])).any(axis=-2)
-    return np.asarray(~_reduce(seen, case.k.shape[:-1], np.any))
+    return np.asarray(~_reduce(np.asarray(seen, dtype=bool), case.k.shape[:-1], np.any))
 
 
 def _empty_rows(case: AttentionCase) -> Bools:
@@ -1270,7 +1270,8 @@ def _digits_needed(bc: BackwardCase, out: F64, lse: F64, h: float, allowed: floa
 def _stepped(bc: BackwardCase, name: str, x: F64) -> BackwardCase:
     case = bc.case
     if name in ("q", "k", "v"):
-        return bc.with_case(replace(case, **{name: x}))
+        changes: dict[str, Any] = {name: x}
+        return bc.with_case(replace(case, **changes))
     return bc.with_case(case.with_kwargs(**{name: x}))
 
 
@@ -1429,7 +1430,7 @@ class _Slices:
         w = np.ones(fc.x.shape, dtype=bool)
         if fc.where is not None:
             w = np.broadcast_to(np.asarray(fc.where, dtype=bool), fc.x.shape)
-        self.incl = self.lay.to_rows(w) & (self.x > -np.inf)
+        self.incl = np.asarray(self.lay.to_rows(w), dtype=bool) & (self.x > -np.inf)
         mid: dict[str, Any] = {"dps": _DPS, "undecided": "midpoint"}
         self.p_exact = self.lay.to_rows(
             np.asarray(exact.softmax(fc.x, fc.axis, where=fc.where, **mid), dtype=object)

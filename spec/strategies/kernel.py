@@ -257,7 +257,8 @@ def kernel_cases(
         except FormError:
             return None
 
-    return base.map(fit).filter(lambda c: c is not None)
+    fitted: st.SearchStrategy[Any] = base.map(fit).filter(lambda c: c is not None)
+    return fitted
 
 
 # ---------------------------------------------------------------------------------------
