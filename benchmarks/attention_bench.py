@@ -1,9 +1,10 @@
 """Speed, memory and accuracy of scaled dot-product attention: attnspec against peers.
 
-Run ``python benchmarks/attention_bench.py`` (options: ``--shapes small`` or ``long``,
-``--impls "attnspec fast,torch float64"``, ``--repeat 3``, ``--accurate-rows 1024``,
-``--exact-rows 2``). For each shape (B, H, L, S, E) in (1, 8, 1024, 1024, 64),
-(1, 8, 4096, 4096, 64), (1, 1, 16384, 16384, 64) and (1, 1, 65536, 65536, 64), with
+Run ``python benchmarks/attention_bench.py`` (options: ``--shapes small`` or ``long``, or
+``--shape 1,8,4096,4096,64`` (repeatable), ``--impls "attnspec fast,torch float64"``,
+``--repeat 3``, ``--accurate-rows 1024``, ``--exact-rows 2``). For each shape
+(B, H, L, S, E) in (1, 8, 1024, 1024, 64), (1, 8, 4096, 4096, 64), (1, 1, 16384, 16384, 64)
+and (1, 1, 65536, 65536, 64), with
 float64 standard-normal q, k, v (seed 0) and the default scale 1/sqrt(E), it prints:
 
 * time: the best of ``--repeat`` runs after one warm-up run (none for accurate), in a
@@ -259,6 +260,9 @@ def main() -> None:
     parser.add_argument("--accurate-rows", type=int, default=1024)
     parser.add_argument("--exact-rows", type=int, default=2)
     parser.add_argument("--impls", default="", help="comma-separated subset of " + str(IMPLS))
+    parser.add_argument(
+        "--shape", action="append", default=[], help="B,H,L,S,E instead of --shapes (repeatable)"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -290,7 +294,8 @@ def main() -> None:
     notes: list[str] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in SHAPES[args.shapes]:
+        shapes = [tuple(map(int, x.split(","))) for x in args.shape] or SHAPES[args.shapes]
+        for shape in shapes:
             b, h, n_q, n_k, e = shape
             flops = 4.0 * b * h * n_q * n_k * e
             rows = min(n_q, args.accurate_rows) if n_q > 1024 else n_q
@@ -348,7 +353,7 @@ def main() -> None:
                     f"(time scaled by {n_q // rows}, peak memory that of {rows} rows); the max "
                     f"errors of the others are over those rows."
                 )
-            if args.exact_rows and shape == SHAPES[args.shapes][0]:
+            if args.exact_rows and shape == shapes[0]:
                 notes += spot_check(shape, args.exact_rows, outs)
     print()
     for line in notes:

@@ -394,11 +394,13 @@ def merge_partials(
         weight exactly 0), NaN for a NaN row (the merged row is NaN).
     precision : {"fast", "accurate"}
         "fast": the formula above in float64 (error bound:
-        :func:`attnspec.spec.tolerances.online.merge_bound`); "accurate": the merge as
-        attention of one query over two keys with logits :math:`\ell_A, \ell_B` and values
-        :math:`o_A, o_B`, by :func:`attnspec.sdpa` at ``precision="accurate"`` (output
-        within :math:`4u \sum_X w_X |o_X|` of the exact merge of the given partials, lse
-        within one ulp).
+        :func:`attnspec.spec.tolerances.online.merge_bound`); "accurate": the weights
+        :math:`e^{\ell_X - \ell}` and :math:`\ell` as the softmax and log-sum-exp of the two
+        logits :math:`\ell_A, \ell_B` by the definition at ``precision="accurate"`` (each
+        within one ulp), the weighted sum from exact products and sums rounded once
+        (TwoProduct, TwoSum): within :math:`3u \sum_X w_X |o_X| + 2\eta` of the exact merge
+        of the given partials (:math:`4u` where a product exceeds :math:`2^{996}`), lse
+        within one ulp (:func:`attnspec.spec.tolerances.online.accurate_merge_bound`).
 
     Returns
     -------

@@ -89,15 +89,16 @@ u(M_i + 3\log b + 4b + 2 + R_i + D(M_i + 3))\bigr)` (the state form: :math:`\log
 :math:`l`'s relative error, the final :math:`m + \log l`).
 
 **"accurate"**: every leaf within the accurate claim (:math:`4uW_X + \eta`, lse within one
-ulp: :math:`e_X \le 2u|\ell_X| + \eta`) and every merge accurate (:math:`4u \sum_X w_X |o_X|`
-of the exact merge of its inputs, lse within one ulp). The weights of each merge are exact
-for its rounded inputs, so the telescoping holds up to the rounding :math:`r` of each
-parent's lse, :math:`|r| \le 2uM_i`: :math:`\delta_X \le e_X + e_{\mathrm{root}} + 2uM_iD`,
+ulp: :math:`e_X \le 2u|\ell_X| + \eta`) and every merge accurate (:math:`4u \sum_X w_X |o_X|
++ 2\eta` of the exact merge of its inputs, lse within one ulp: :func:`accurate_merge_bound`).
+The weights of each merge are exact for its rounded inputs, so the telescoping holds up
+to the rounding :math:`r` of each parent's lse, :math:`|r| \le 2uM_i`:
+:math:`\delta_X \le e_X + e_{\mathrm{root}} + 2uM_iD`,
 :math:`e_{\mathrm{root}} \le 2uM_i(D + 1)`, and
 
 .. math::
 
-    |\hat o_{ik} - o_{ik}| \le u\,(4 + 4D + 4M_i(D + 1))\, W_{ik} + (2N + 1)\eta, \qquad
+    |\hat o_{ik} - o_{ik}| \le u\,(4 + 4D + 4M_i(D + 1))\, W_{ik} + (3N + 1)\eta, \qquad
     |\hat\ell_i - \ell_i| \le 2uM_i(D + 1) + (D + 1)\eta .
 
 References
@@ -219,7 +220,8 @@ def accurate_online_bound(
     r"""The "accurate" claim of a blocked attention: accurate partials, accurate merges.
 
     ``(weighted, bound, lse_bound)`` as for :func:`online_sdpa_bound`:
-    :math:`u(4 + 4D + 4M_i(D + 1)) W_{ik} + (2N + 1)\eta` and
+    :math:`u(4 + 4D + 4M_i(D + 1)) W_{ik} + (3N + 1)\eta` (:math:`\eta` per leaf,
+    :math:`2\eta` per merge) and
     :math:`2uM_i(D + 1) + (D + 1)\eta` (module docstring).
     """
     kw = {key: val for key, val in kw.items() if key not in ("precision", "return_lse")}
@@ -231,7 +233,7 @@ def accurate_online_bound(
     big_m = rq["M"]
     with np.errstate(over="ignore", invalid="ignore"):
         rho = _expm1(U * (4 + 4 * d + 4 * big_m * (d + 1)))[..., None]
-        bound = np.where(w_up == 0, 0.0, rho * w_up) + SECOND_ORDER * (2 * n + 1) * ETA
+        bound = np.where(w_up == 0, 0.0, rho * w_up) + SECOND_ORDER * (3 * n + 1) * ETA
         lse_bound = SECOND_ORDER * (2 * U * big_m * (d + 1) + (d + 1) * ETA)
     bound = np.where(np.isnan(bound), np.inf, bound)
     lse_bound = np.where(np.isnan(lse_bound), np.inf, lse_bound)
@@ -276,9 +278,12 @@ def merge_bound(o_a: Any, lse_a: Any, o_b: Any, lse_b: Any) -> tuple[F64, F64]:
 
 
 def accurate_merge_bound(o_a: Any, lse_a: Any, o_b: Any, lse_b: Any) -> tuple[F64, F64]:
-    r"""The "accurate" claim of one merge: attention over two keys at the accurate claim,
-    :math:`4u \sum_X w_X |o_{X,k}| + \eta`, and the lse within one ulp
-    (:math:`2u|\ell| + \eta`, rounded up by ``SECOND_ORDER``)."""
+    r"""The "accurate" claim of one merge, the accurate claim of attention over two keys
+    (logits :math:`\ell_X`, values :math:`o_X`): :math:`4u \sum_X w_X |o_{X,k}| + 2\eta`
+    (the weights within one ulp, :math:`2u`, the weighted sum rounded once, :math:`u`,
+    and :math:`u` to spare; :math:`2\eta` for products that underflow and the final
+    rounding of a subnormal), and the lse within one ulp (:math:`2u|\ell| + \eta`,
+    rounded up by ``SECOND_ORDER``)."""
     oa, ob = np.asarray(o_a, dtype=np.float64), np.asarray(o_b, dtype=np.float64)
     la, lb = np.asarray(lse_a, dtype=np.float64), np.asarray(lse_b, dtype=np.float64)
     ell, wa, wb = _weights(la, lb)
@@ -286,7 +291,7 @@ def accurate_merge_bound(o_a: Any, lse_a: Any, o_b: Any, lse_b: Any) -> tuple[F6
         weighted = np.where(wa[..., None] > 0, wa[..., None] * np.abs(oa), 0.0) + np.where(
             wb[..., None] > 0, wb[..., None] * np.abs(ob), 0.0
         )
-        bound = SECOND_ORDER * 4 * U * weighted + ETA
+        bound = SECOND_ORDER * 4 * U * weighted + 2 * ETA
         lse_bound = SECOND_ORDER * (2 * U * np.abs(ell) + ETA)
     return np.where(np.isfinite(bound), bound, np.inf), np.where(
         np.isfinite(ell), lse_bound, np.inf
