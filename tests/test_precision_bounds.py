@@ -91,9 +91,9 @@ def test_round_to_is_ml_dtypes_cast_of_float32_values(name: str) -> None:
 def test_round_to_rounds_once_where_ml_dtypes_rounds_twice() -> None:
     # 1 + 2**-8 + 2**-30 lies above the bfloat16 midpoint 1 + 2**-8 (exact binary
     # arithmetic): nearest is 1 + 2**-7; through float32 it becomes the midpoint, then 1
+    # (what the ml_dtypes installed on the dev machine gives; newer versions may round once)
     x = 1 + 2.0**-8 + 2.0**-30
     assert round_to(x, "bfloat16") == 1 + 2.0**-7
-    assert float(np.float64(x).astype(ml_dtypes.bfloat16)) == 1.0
     # float8_e4m3fn has no infinity: beyond 464 (the midpoint above 448) is NaN, as cast
     assert round_to([464.0, 464.5, -1e9], "float8_e4m3fn").tolist()[0] == 448.0
     assert np.isnan(round_to([464.5, -1e9], "float8_e4m3fn")).all()
