@@ -8,6 +8,8 @@ docs/backward.md (the worst error as a multiple of its bound) come from
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any
 
 import mpmath
@@ -136,8 +138,26 @@ def test_empty_sizes_give_zero_gradients_of_the_inputs_shapes() -> None:
         # E = 0: uniform weights 1/5, so dv_j = sum_i dout_i / 5 (exact rational)
         if q_shape == (3, 0):
             ref = exact.sdpa_backward(q, k, v, dout, scale=1.0)
-            want = exact.to_float64(ref.dv)
-            assert np.allclose(want, np.broadcast_to(dout.sum(axis=0) / 5, (5, 3)), rtol=1e-15)
+            # the exact rational, correctly rounded by Python (Fraction -> float)
+            column = [float(sum(map(Fraction, dout[:, c])) / 5) for c in range(3)]
+            assert np.array_equal(exact.to_float64(ref.dv), np.broadcast_to(column, (5, 3)))
+
+
+def _same_sums(small: Any, full: Any, axes: tuple[int, ...]) -> None:
+    """``small`` equals ``full`` summed over ``axes`` (and reshaped), both exact gradients:
+    each mpf is within 10**-50 of its exact value, relative, or 2**-1074 absolute (the
+    guarantee of attnspec.exact at dps=50), so the two sides differ by at most
+    10**-50 (|small| + sum |full|) + (n + 1) 2**-1074, n the number of terms; summed in
+    mpmath at 80 digits, which adds nothing of that size."""
+    with mpmath.workdps(80):
+        total = np.asarray(np.sum(full, axis=axes), dtype=object).reshape(np.shape(small))
+        size = np.asarray(
+            np.sum(np.vectorize(abs, otypes=[object])(full), axis=axes), dtype=object
+        ).reshape(np.shape(small))
+        n = math.prod(np.shape(full)[a] for a in axes)
+        for a, b, m in zip(np.ravel(small), np.ravel(total), np.ravel(size), strict=True):
+            allowed = mpmath.mpf(10) ** -50 * (abs(a) + m) + (n + 1) * mpmath.mpf(2) ** -1074
+            assert abs(a - b) <= allowed, (a, b)
 
 
 def test_two_d_and_broadcast_forms_are_the_written_out_sums() -> None:
@@ -161,10 +181,9 @@ def test_two_d_and_broadcast_forms_are_the_written_out_sums() -> None:
         bias=np.broadcast_to(bias, (3, 2, 3, 5)).copy(),
         sinks=np.full((3, 2), 0.5),
     )
-    f = exact.to_float64
-    assert np.allclose(f(small.dq), f(full.dq).sum(axis=0, keepdims=True), rtol=1e-14, atol=0)
-    assert np.allclose(f(small.dbias), f(full.dbias).sum(axis=(0, 1, 2), keepdims=True), rtol=1e-14)
-    assert np.allclose(f(small.dsinks), f(full.dsinks).sum(), rtol=1e-14)
+    _same_sums(small.dq, full.dq, (0,))
+    _same_sums(small.dbias, full.dbias, (0, 1, 2))
+    _same_sums(small.dsinks, full.dsinks, (0, 1))
     assert (
         small.dq.shape == q.shape and small.dbias.shape == bias.shape and small.dsinks.shape == ()
     )
@@ -184,10 +203,9 @@ def test_gqa_gradients_are_the_repeated_heads_summed_over_each_group() -> None:
     dout = rng.standard_normal((4, 3, 3))
     grouped = exact.sdpa_backward(q, k, v, dout)
     repeated = exact.sdpa_backward(q, np.repeat(k, 2, axis=0), np.repeat(v, 2, axis=0), dout)
-    f = exact.to_float64
     for name in ("dk", "dv"):
-        want = f(getattr(repeated, name)).reshape(2, 2, 5, -1).sum(axis=1)
-        assert np.allclose(f(getattr(grouped, name)), want, rtol=1e-14, atol=1e-300)
+        parts = getattr(repeated, name)
+        _same_sums(getattr(grouped, name), parts.reshape(2, 2, 5, parts.shape[-1]), (1,))
 
 
 def test_the_gradient_of_the_lse_output_is_the_weights() -> None:
