@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hseed
 from hypothesis import strategies as st
 
 from attnspec.spec import TOPICS
@@ -51,10 +52,15 @@ class CheckResult:
 
 
 def _given(
-    strategy: st.SearchStrategy[Any], body: Callable[[Any], None], base: settings, n: int
+    strategy: st.SearchStrategy[Any],
+    body: Callable[[Any], None],
+    base: settings,
+    n: int,
+    seed: int | None = None,
 ) -> tuple[Callable[[], None], list[int]]:
-    """``body`` as a Hypothesis test over ``strategy`` with ``n`` examples, and its
-    example counter (shared by the softmax and the attention batteries)."""
+    """``body`` as a Hypothesis test over ``strategy`` with ``n`` examples (drawn with
+    ``seed`` where one is given), and its example counter (shared by the softmax and the
+    attention batteries)."""
     count = [0]
 
     @settings(
@@ -74,17 +80,21 @@ def _given(
         count[0] += 1
         body(drawn)
 
+    if seed is not None:
+        run = hseed(seed)(run)
     return run, count
 
 
-def _build(check: Check, impl: Any, base: settings, n: int) -> tuple[Callable[[], None], list[int]]:
+def _build(
+    check: Check, impl: Any, base: settings, n: int, seed: int | None = None
+) -> tuple[Callable[[], None], list[int]]:
     """The @given test of ``check`` on ``impl`` and its example counter."""
 
     def body(drawn: Any) -> None:
         args, kwargs = check.arguments(drawn)
         check.prop(impl, *args, **kwargs)
 
-    return _given(check.cases(impl), body, base, n)
+    return _given(check.cases(impl), body, base, n, seed)
 
 
 def _not_applicable(name: str, description: str, why: str) -> CheckResult:
@@ -116,9 +126,11 @@ def run_battery(
     impl: Any,
     profile_settings: settings | None = None,
     checks: list[Check] | None = None,
+    seed: int | None = None,
 ) -> list[CheckResult]:
     """Run ``checks`` (default: the battery of ``impl``'s topic, :data:`BATTERIES`) on
-    ``impl``; one result per check.
+    ``impl``; one result per check; ``seed`` fixes the examples drawn (None: Hypothesis's
+    own choice).
 
     ``profile_settings`` (default: the active Hypothesis profile) sets the examples per
     check; a check's own ``max_examples`` caps it. A failure is shrunk by Hypothesis; its
@@ -135,7 +147,7 @@ def run_battery(
             results.append(_not_applicable(check.name, check.description, why))
             continue
         n = _examples(base, check.max_examples)
-        run, count = _build(check, impl, base, n)
+        run, count = _build(check, impl, base, n, seed)
         results.append(_run_one(check.name, check.description, run, count))
     return results
 

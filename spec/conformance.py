@@ -50,8 +50,10 @@ import contextlib
 import importlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TextIO
@@ -64,6 +66,7 @@ from attnspec.spec.strategies.kernel import (
     FAMILIES,
     FORMS,
     FormError,
+    blind_rows,
     family_case,
     full_form,
     kernel_cases,
@@ -110,11 +113,21 @@ class TargetError(AssertionError):
 
 @dataclass(frozen=True)
 class ConventionRules:
-    """What a convention changes in the judgment: the checks it does not promise (name ->
-    the fact of :mod:`attnspec.spec.conventions` that says so)."""
+    """What a convention changes in the judgment, each from a fact of
+    :mod:`attnspec.spec.conventions`:
+
+    * ``excused``: the checks it does not promise (name -> the fact that says so);
+    * ``poison``: whether the properties put NaN and inf at hidden positions (not where
+      the convention says they leak: every other check would meet the leak too);
+    * ``blind_rows``: what a row that sees no key (and has no sink) returns, "0" or
+      "mean of V". Under "mean of V" the properties draw no such row and the sizes and
+      families stages judge such rows against the mean of V, by the bound of the problem
+      whose logits are all equal (their lse is not judged: it is the fill's)."""
 
     name: str
     excused: dict[str, str] = field(default_factory=dict)
+    poison: bool = True
+    blind_rows: str = "0"
 
 
 def _rules(name: str) -> ConventionRules:
@@ -124,11 +137,16 @@ def _rules(name: str) -> ConventionRules:
         return ConventionRules("canonical")
     p = PRESETS[name]
     excused: dict[str, str] = {}
+    poison = True
     if "leaks" in p.hidden_nan.value or "not measured" in p.hidden_nan.value:
         excused["hidden_values"] = f"{name} hidden_nan: {p.hidden_nan.value!r}"
+        poison = False
+    blind = "0"
     if p.fully_masked_output.value.strip() not in ("0", "0 (-inf mask); mean of V (finite fill)"):
         excused["empty_rows"] = f"{name} fully_masked_output: {p.fully_masked_output.value!r}"
-    return ConventionRules(name, excused)
+        if p.fully_masked_output.value.startswith("mean of V"):
+            blind = "mean of V"
+    return ConventionRules(name, excused, poison, blind)
 
 
 #: the conventions ``--convention`` takes: canonical (attnspec's definition) and peers
@@ -297,6 +315,9 @@ def _features_of(obj: Any, default: Sequence[str]) -> frozenset[str]:
 
 def _callable_target(text: str, dtype: str, accumulate: str | None) -> Target:
     mod_name, _, attr = text.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # as ``python -m`` and pytest do: a module of the current folder is importable
+        sys.path.append(os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -607,7 +628,9 @@ SHRINK_SECONDS = 3
 @contextlib.contextmanager
 def _shrink_limit() -> Iterator[None]:
     """Hypothesis shrinks a failure for at most :data:`SHRINK_SECONDS` for the duration
-    (its engine's limit, 300 s by default; the smallest failure found by then is reported)."""
+    (its engine's limit, 300 s by default; the smallest failure found by then is reported),
+    without the engine's warning that it stopped after "five minutes" or its warnings
+    about the size of a counterexample's repr."""
     try:
         from hypothesis.internal.conjecture import engine
     except ImportError:  # pragma: no cover - another Hypothesis layout: its own limit
@@ -617,9 +640,21 @@ def _shrink_limit() -> Iterator[None]:
     if old is None:  # pragma: no cover
         yield
         return
+    from hypothesis import reporting
+
+    outer = reporting.current_reporter()
+
+    def quiet(value: object) -> None:
+        # the engine's warning at the limit says "five minutes" whatever the limit is
+        if not str(value).startswith("WARNING: Hypothesis has spent more than five minutes"):
+            outer(value)
+
     engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS
     try:
-        yield
+        with reporting.with_reporter(quiet), warnings.catch_warnings():
+            # the report prints its own counterexample, not Hypothesis's repr of the call
+            warnings.filterwarnings("ignore", message="Generating overly large repr")
+            yield
     finally:
         engine.MAX_SHRINKING_SECONDS = old
 
@@ -681,8 +716,13 @@ def _index_of(target: Target) -> int:
     return _TARGET_INDEX.get(target.name, 0)
 
 
-def _impl(target: Target, strict: bool) -> Any:
+def _impl(target: Target, strict: bool, rules: ConventionRules | None = None) -> Any:
+    """``target`` as an attention implementation for the properties; under ``rules``
+    whose rows that see no key are not 0, every case a property evaluates (the drawn one
+    and those it derives) with such a row is rejected."""
     from attnspec.spec.properties.attention import AttentionImpl
+
+    blind_ok = rules is None or rules.blind_rows == "0"
 
     def fn(q: Any, k: Any, v: Any, **kw: Any) -> Any:
         from hypothesis import reject
@@ -691,6 +731,8 @@ def _impl(target: Target, strict: bool) -> Any:
         case = AttentionCase(
             np.asarray(q, dtype=float), np.asarray(k, dtype=float), np.asarray(v, dtype=float), kw
         )
+        if not blind_ok and blind_rows(case).any():
+            reject()
         try:
             out, ls = target.call(case, lse=lse)
         except FormError:
@@ -757,12 +799,16 @@ def _property_checks(strict: bool) -> list[tuple[str, str, Callable[..., None], 
 
 
 def reproduce_property(
-    target: Target, name: str, case: AttentionCase, strict: bool = False
+    target: Target,
+    name: str,
+    case: AttentionCase,
+    strict: bool = False,
+    convention: str = "canonical",
 ) -> None:
     """Run the property ``name`` of the attention battery on ``target`` for ``case``, in
     the target's dtype: raises the property's violation (an AssertionError) if it fails."""
     checks = {n: p for n, _, p, _ in _property_checks(strict)}
-    impl = _impl(target, strict)
+    impl = _impl(target, strict, _rules(convention))
     with _kernel_bounds(target):
         checks[name](impl, case)
 
@@ -780,7 +826,7 @@ def _run_properties(
     from hypothesis import seed as hseed
     from hypothesis.errors import Unsatisfiable
 
-    impl = _impl(target, strict)
+    impl = _impl(target, strict, rules)
     verdicts = []
     for name, text, prop, needs in _property_checks(strict):
         if only is not None and name not in only and f"properties/{name}" not in only:
@@ -813,6 +859,8 @@ def _run_properties(
             dtype=target.dtype,
             max_side=side,
             max_width=width,
+            poison=None if rules.poison else False,
+            min_visible=0 if rules.blind_rows == "0" else 1,
         )
         last: list[Any] = [None]
         count = [0]
@@ -858,7 +906,8 @@ def _run_properties(
                     *_snippet_header(target),
                     f"case = {_case_source(last[0])}",
                     f"conformance.reproduce_property(target, {name!r}, case"
-                    f"{', strict=True' if strict else ''})",
+                    f"{', strict=True' if strict else ''}"
+                    f"{'' if rules.name == 'canonical' else f', convention={rules.name!r}'})",
                 ]
             )
         verdicts.append(
@@ -868,7 +917,9 @@ def _run_properties(
                 text,
                 verdict,
                 count[0],
-                stats.worst if stats.judged else None,
+                # a failure not measured against a bound (a relation, an exception) has
+                # no worst ratio: the judged entries' worst would read as its size
+                stats.worst if stats.judged and (verdict != "fail" or stats.worst > 1) else None,
                 None,
                 stats.not_judged,
                 time.perf_counter() - t0,
@@ -884,15 +935,13 @@ def _run_properties(
 # ---------------------------------------------------------------------------------------
 
 
-def judge(target: Target, case: AttentionCase) -> dict[str, Any]:
-    """``target`` on ``case`` against the reference (module docstring, stage 2);
-    AssertionError with the worst entry where it errs beyond its bound (or leaks NaN or
-    inf where the reference is finite); else the figures: ``worst`` (error / bound),
-    ``empirical``, ``not_judged``."""
+def _reference(target: Target, case: AttentionCase) -> tuple[F64, F64, F64, F64, Any]:
+    """The reference output and lse for ``target`` on ``case``, the bounds on the
+    target's distance from them (its own bound plus the reference's), and the empirical
+    bound (None for float64)."""
     import attnspec
     from attnspec.spec.tolerances import attention as atol
 
-    out, lse = target.call(case, lse=True)
     if target.dtype == "float64":
         ref, ref_lse = attnspec.sdpa(case.q, case.k, case.v, return_lse=True, **case.kwargs)
         ob, lb = _kernel_bound(target, case, "exact")
@@ -901,18 +950,43 @@ def judge(target: Target, case: AttentionCase) -> dict[str, Any]:
         w, vmax = _weighted_up(case)
         allowed = ob + atol.accurate_sdpa_bound(w, vmax)
         lse_allowed = lb + 2 * atol.U * np.abs(ref_lse) * atol.SECOND_ORDER + atol.ETA
-        emp = None
-    else:
-        from attnspec.spec.tolerances.precision import empirical_bound
+        return ref, ref_lse, allowed, lse_allowed, None
+    from attnspec.spec.tolerances.precision import empirical_bound
 
-        ref, ref_lse = attnspec.sdpa(
-            case.q, case.k, case.v, precision="fast", return_lse=True, **case.kwargs
-        )
-        allowed, lse_allowed = _kernel_bound(target, case, "fast")
-        emp, _ = empirical_bound(
-            case.q, case.k, case.v, dtype=target.dtype, accumulate=target.accumulate, **case.kwargs
-        )
-    result: dict[str, Any] = {"worst": 0.0, "empirical": None, "not_judged": 0}
+    ref, ref_lse = attnspec.sdpa(
+        case.q, case.k, case.v, precision="fast", return_lse=True, **case.kwargs
+    )
+    allowed, lse_allowed = _kernel_bound(target, case, "fast")
+    emp, _ = empirical_bound(
+        case.q, case.k, case.v, dtype=target.dtype, accumulate=target.accumulate, **case.kwargs
+    )
+    return ref, ref_lse, allowed, lse_allowed, emp
+
+
+def judge(target: Target, case: AttentionCase, convention: str = "canonical") -> dict[str, Any]:
+    """``target`` on ``case`` against the reference (module docstring, stage 2);
+    AssertionError with the worst entry where it errs beyond its bound (or leaks NaN or
+    inf where the reference is finite); else the figures: ``worst`` (error / bound),
+    ``empirical``, ``not_judged``. Under a ``convention`` whose rows that see no key
+    return the mean of V (:class:`ConventionRules`), such rows are judged by that rule."""
+    out, lse = target.call(case, lse=True)
+    ref, ref_lse, allowed, lse_allowed, emp = _reference(target, case)
+    blind_lse = 0
+    if _rules(convention).blind_rows == "mean of V":
+        blind = blind_rows(case)
+        if blind.any():
+            # the definition's problem with all logits equal: weights 1/S, the mean of V
+            flat = AttentionCase(np.zeros_like(case.q), case.k, case.v, {})
+            fref, _, fallowed, _, femp = _reference(target, flat)
+            ref = np.where(blind[..., None], fref, ref)
+            allowed = np.where(blind[..., None], fallowed, np.broadcast_to(allowed, ref.shape))
+            if emp is not None:
+                emp = np.where(blind[..., None], femp, np.broadcast_to(emp, ref.shape))
+            if lse is not None:  # the fill's lse: not judged
+                lse = np.where(blind, 0.0, lse)
+                ref_lse = np.where(blind, 0.0, ref_lse)
+                blind_lse = int(blind.sum())
+    result: dict[str, Any] = {"worst": 0.0, "empirical": None, "not_judged": blind_lse}
     for what, got, want, tol in (("output", out, ref, allowed), ("lse", lse, ref_lse, lse_allowed)):
         if got is None:
             continue
@@ -957,20 +1031,22 @@ def _run_cases(
     text: str,
     builders: Sequence[tuple[str, str, Callable[[], AttentionCase]]],
     progress: Callable[[str], None],
+    convention: str = "canonical",
 ) -> Verdict:
     t0 = time.perf_counter()
+    call = "conformance.judge(target, case" + (
+        ")" if convention == "canonical" else f", convention={convention!r})"
+    )
     worst, emp, nj, count = 0.0, None, 0, 0
     for label, expr, build in builders:
         progress(f"{stage}/{name}: {label}")
         case = build()
         try:
-            res = judge(target, case)
+            res = judge(target, case, convention)
         except FormError:
             continue  # not a form it declared (never sent)
         except AssertionError as exc:
-            repro = "\n".join(
-                [*_snippet_header(target), f"case = {expr}", "conformance.judge(target, case)"]
-            )
+            repro = "\n".join([*_snippet_header(target), f"case = {expr}", call])
             return Verdict(
                 stage,
                 name,
@@ -985,9 +1061,7 @@ def _run_cases(
                 repro,
             )
         except Exception as exc:
-            repro = "\n".join(
-                [*_snippet_header(target), f"case = {expr}", "conformance.judge(target, case)"]
-            )
+            repro = "\n".join([*_snippet_header(target), f"case = {expr}", call])
             return Verdict(
                 stage,
                 name,
@@ -1035,7 +1109,11 @@ def _variants(features: frozenset[str]) -> list[int]:
 
 
 def _run_sizes(
-    target: Target, seed: int, n_sizes: int, progress: Callable[[str], None]
+    target: Target,
+    seed: int,
+    n_sizes: int,
+    progress: Callable[[str], None],
+    convention: str = "canonical",
 ) -> list[Verdict]:
     feats = frozenset(target.features)
     dt = target.dtype
@@ -1066,11 +1144,14 @@ def _run_sizes(
             "L, S across tiles of 64/128/256/1024, L != S both ways, odd head dims",
             builders,
             progress,
+            convention,
         )
     ]
 
 
-def _run_families(target: Target, seed: int, progress: Callable[[str], None]) -> list[Verdict]:
+def _run_families(
+    target: Target, seed: int, progress: Callable[[str], None], convention: str = "canonical"
+) -> list[Verdict]:
     feats = frozenset(target.features)
     dt = target.dtype
     out = []
@@ -1101,6 +1182,7 @@ def _run_families(target: Target, seed: int, progress: Callable[[str], None]) ->
                 f"input family: {fam.replace('_', ' ')}",
                 builders,
                 progress,
+                convention,
             )
         )
     return out
@@ -1281,9 +1363,13 @@ def _backward_battery(
     feats = frozenset(target.features) & set(BACKWARD_FEATURES)
     impl = BackwardImpl(name=target.name, fn=fn, backward=back, features=feats, accuracy="fast")
     progress("backward/battery")
-    base = settings(max_examples=max(1, n // 2), deadline=None, database=None)
+    base = settings(max_examples=max(1, n // 2), deadline=None, database=None, print_blob=False)
     out = []
-    for r in run_battery(impl, base, BWD):
+    # the softmax family's gradient claims need a family implementation, not a kernel
+    checks = [c for c in BWD if "family" not in c.needs]
+    with _shrink_limit():
+        results = run_battery(impl, base, checks, seed=seed)
+    for r in results:
         if not r.applicable:
             out.append(
                 Verdict("backward", r.name, r.description, "not applicable", message=r.message)
@@ -1363,9 +1449,9 @@ def run(
         if "properties" in stages:
             rep.verdicts += _run_properties(target, examples, seed, strict, rules, say, chosen)
         if "sizes" in stages:
-            rep.verdicts += _run_sizes(target, seed, sizes, say)
+            rep.verdicts += _run_sizes(target, seed, sizes, say, convention)
         if "families" in stages:
-            rep.verdicts += _run_families(target, seed, say)
+            rep.verdicts += _run_families(target, seed, say, convention)
         if "backward" in stages:
             rep.verdicts += _run_backward(target, examples, seed, say)
     if chosen is not None:

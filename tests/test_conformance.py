@@ -221,3 +221,72 @@ def test_plugin(pytester: pytest.Pytester) -> None:
         "--attnspec-skips=bad.txt",
     )
     assert res.ret == 4  # usage error: an entry without a reason
+
+
+def fill_kernel(
+    q: Any,
+    k: Any,
+    v: Any,
+    scale: Any = None,
+    mask: Any = None,
+    bias: Any = None,
+    causal: bool = False,
+    align: Any = None,
+    return_lse: bool = False,
+) -> Any:
+    """A float32 kernel written as jax.nn.dot_product_attention is: the bias added, then
+    every hidden logit replaced by the finite fill -0.7 * float32 max, so that a row that
+    sees no key gets uniform weights (the mean of V) and NaN behind a mask leaks."""
+    f32 = np.float32
+    L, S = q.shape[-2], k.shape[-2]
+    tau = f32(1 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    s = (q @ np.swapaxes(k, -1, -2)) * tau
+    if bias is not None:
+        s = s + bias
+    vis = np.ones(s.shape, dtype=bool) if mask is None else mask.copy()
+    if causal:
+        off = S - L if align == "bottom_right" else 0
+        vis &= np.arange(S)[None, :] <= np.arange(L)[:, None] + off
+    s = np.where(vis, s, f32(-0.7 * np.finfo(f32).max))
+    m = s.max(-1, keepdims=True)
+    e = np.exp(s - m)
+    den = e.sum(-1, keepdims=True, dtype=f32)
+    out = ((e / den) @ v).astype(f32)
+    if return_lse:
+        return out, (m + np.log(den))[..., 0].astype(f32)
+    return out
+
+
+fill_kernel.attnspec_features = ("mask", "causal", "lse")  # type: ignore[attr-defined]
+
+
+def test_convention_rejudges_rows_that_see_no_key() -> None:
+    """Canonically a row that sees no key is 0 and NaN behind a mask must not leak; the
+    jax convention promises neither (spec/conventions.py): the kernel that keeps jax's
+    rules fails the first and conforms to the second, where such rows are judged against
+    the mean of V in the sizes stage and left out of the properties' draws."""
+    t = C.load_target(f"{ME}:fill_kernel", dtype="float32")[0]
+    stages = ("properties", "sizes")
+    canon = C.run(t, examples=4, sizes=3, stages=stages)
+    assert {v.name for v in canon.failed} >= {"empty_rows", "hidden_values"}, canon.text()
+    assert any(v.stage == "sizes" for v in canon.failed), canon.text()  # L > S bottom-right
+    jax = C.run(t, examples=4, sizes=3, stages=stages, convention="jax")
+    assert not jax.failed, jax.text()
+    sized = next(v for v in jax.verdicts if v.stage == "sizes")
+    assert sized.verdict == "pass" and sized.not_judged > 0  # the fill's lse, not judged
+    # a kernel that gives such a row anything else still fails under the convention
+    case = C.sized_case(3, 2, 4, seed=0, dtype="float32", features=["causal"], variant=1)
+    case = case.with_kwargs(causal=True, align="bottom_right")  # query 0 sees no key
+    assert C.blind_rows(case)[..., 0].all() and not C.blind_rows(case)[..., 1:].any()
+
+    def zero_rows(q: Any, k: Any, v: Any, **kw: Any) -> Any:
+        res = fill_kernel(q, k, v, **kw)
+        out = res[0] if isinstance(res, tuple) else res
+        out = np.where(C.blind_rows(C.AttentionCase(q, k, v, kw))[..., None], 1.0, out)
+        out = out.astype(np.float32)
+        return (out, res[1]) if isinstance(res, tuple) else out
+
+    bad = C.Target("ones", zero_rows, t.features, dtype="float32", spec="x:y")
+    with pytest.raises(AssertionError, match="output"):
+        C.judge(bad, case, convention="jax")
+    C.judge(t, case, convention="jax")

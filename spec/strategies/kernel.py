@@ -36,7 +36,12 @@ import numpy.typing as npt
 from hypothesis import strategies as st
 
 from attnspec.reference.emulate import round_to
-from attnspec.spec.strategies.attention import FEATURES, AttentionCase, attention_cases
+from attnspec.spec.strategies.attention import (
+    FEATURES,
+    AttentionCase,
+    attention_cases,
+    case_visibility,
+)
 
 __all__ = [
     "FAMILIES",
@@ -45,12 +50,14 @@ __all__ = [
     "SEQ_LENGTHS",
     "FormError",
     "KernelForm",
+    "blind_rows",
     "family_case",
     "full_form",
     "kernel_cases",
     "representable",
     "size_plan",
     "sized_case",
+    "visible_keys",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -236,20 +243,29 @@ def kernel_cases(
     dtype: str = "float64",
     max_side: int = 4,
     max_width: int = 4,
+    poison: bool | None = None,
+    min_visible: int = 0,
 ) -> st.SearchStrategy[AttentionCase]:
     """Cases in the kernel form: those of
     :func:`~attnspec.spec.strategies.attention.attention_cases` (shapes, visibility,
     modifiers, hidden NaN/inf) rewritten by :func:`full_form`, :math:`E_v = E` unless
     ``ev`` is declared, q, k, v rounded to ``dtype`` (magnitudes that stay in its range:
-    moderate and wide logits for a low precision)."""
+    moderate and wide logits for a low precision).
+
+    ``poison`` as in ``attention_cases`` (False for a convention under which NaN behind a
+    mask leaks); ``min_visible``: leave out the cases with a query row that sees fewer
+    keys (and has no sink), for a convention that gives a row that sees no key another
+    output than 0 (2 where a property hides one more key)."""
     feats = frozenset(features) & set(FEATURES)
     declared = frozenset(forms)
     magnitude = None if dtype == "float64" else "moderate"
+    if poison and not feats & {"mask", "causal", "window"}:
+        poison = None
     base = attention_cases(
-        features=feats, max_side=max_side, max_width=max_width, magnitude=magnitude
+        features=feats, max_side=max_side, max_width=max_width, magnitude=magnitude, poison=poison
     )
-    if "empty" not in declared:
-        base = base.filter(lambda c: c.n_queries > 0 and c.n_keys > 0 and 0 not in c.logits_shape)
+    if min_visible > 0:
+        base = base.filter(lambda c: bool((visible_keys(c) >= min_visible).all()))
 
     def fit(case: AttentionCase) -> AttentionCase | None:
         try:
@@ -259,6 +275,21 @@ def kernel_cases(
 
     fitted: st.SearchStrategy[Any] = base.map(fit).filter(lambda c: c is not None)
     return fitted
+
+
+def visible_keys(case: AttentionCase) -> npt.NDArray[np.int64]:
+    """How many keys each query row of ``case`` sees (shape ``q.shape[:-1]``; the sink
+    counts as one): by mask, causal, window and a bias of -inf, whatever q.k holds."""
+    seen = case_visibility(case).sum(axis=-1)
+    if case.kwargs.get("sinks") is not None:
+        seen = seen + 1
+    return np.broadcast_to(seen, case.q.shape[:-1]).astype(np.int64)
+
+
+def blind_rows(case: AttentionCase) -> npt.NDArray[np.bool_]:
+    """The query rows of ``case`` (shape ``q.shape[:-1]``) that see no key and have no
+    sink: their output is 0 by the definition, the mean of V under a finite mask fill."""
+    return np.asarray(visible_keys(case) == 0)
 
 
 # ---------------------------------------------------------------------------------------
