@@ -6,9 +6,12 @@
 the check does not apply (with its reason). ``--attnspec-skips PATH`` names a file of
 entries ``stage/name  # reason``, one a line; every entry must give a reason (a usage error
 otherwise), and its test is skipped with it. ``--attnspec-dtype``, ``--attnspec-examples``
-and ``--attnspec-seed`` are those of ``attnspec check``.
+``--attnspec-seed`` and ``--attnspec-convention`` are those of ``attnspec check``.
 
-Enable it with ``-p attnspec.pytest_plugin`` or the ``pytest11`` entry point.
+Installing attnspec registers it (the ``pytest11`` entry point ``attnspec.pytest_plugin``);
+it does nothing until a target is named. ``-p attnspec.pytest_plugin`` loads it where
+entry points are disabled (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``), ``-p
+no:attnspec.pytest_plugin`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--attnspec-dtype", default="float64", help="the dtype the target works in")
     g.addoption("--attnspec-examples", type=int, default=6, help="Hypothesis examples per property")
     g.addoption("--attnspec-seed", type=int, default=0)
+    g.addoption(
+        "--attnspec-convention",
+        default="canonical",
+        help="canonical, torch, jax or flash: judge the target by what that peer promises",
+    )
 
 
 def read_skips(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -82,12 +90,17 @@ def pytest_collection_modifyitems(
     text = config.getoption("--attnspec-target") or os.environ.get("ATTNSPEC_TARGET")
     if not text:
         return
-    from attnspec.spec.conformance import load_target, run
+    from attnspec.spec.conformance import CONVENTIONS, load_target, run
 
     skips_path = config.getoption("--attnspec-skips")
     try:
         skips = read_skips(skips_path) if skips_path else {}
         targets = load_target(text, dtype=config.getoption("--attnspec-dtype"))
+        if config.getoption("--attnspec-convention") not in CONVENTIONS:
+            raise ValueError(
+                f"--attnspec-convention must be one of {CONVENTIONS}, "
+                f"got {config.getoption('--attnspec-convention')!r}"
+            )
     except (ValueError, OSError) as exc:
         raise pytest.UsageError(f"attnspec: {exc}") from None
     for t in targets:
@@ -95,6 +108,7 @@ def pytest_collection_modifyitems(
             t,
             examples=config.getoption("--attnspec-examples"),
             seed=config.getoption("--attnspec-seed"),
+            convention=config.getoption("--attnspec-convention"),
         )
         for v in rep.verdicts:
             key = f"{v.stage}/{v.name}"

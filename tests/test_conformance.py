@@ -223,6 +223,22 @@ def test_plugin(pytester: pytest.Pytester) -> None:
     assert res.ret == 4  # usage error: an entry without a reason
 
 
+def test_plugin_entry_point(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed, the plugin loads by its pytest11 entry point (no -p) and takes the
+    target from ATTNSPEC_TARGET; a bad convention is a usage error."""
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="pytest11") if e.name.startswith("attnspec")] == [
+        "attnspec.pytest_plugin"
+    ]
+    pytester.syspathinsert(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.setenv("ATTNSPEC_TARGET", f"{ME}:wrong_scale")
+    res = pytester.runpytest_inprocess("--attnspec-examples=2", "-q")
+    assert res.ret == 1 and "attnspec::" in res.stdout.str()
+    res = pytester.runpytest_inprocess("--attnspec-convention=numpy")
+    assert res.ret == 4
+
+
 def fill_kernel(
     q: Any,
     k: Any,
