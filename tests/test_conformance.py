@@ -50,16 +50,16 @@ def kernel(
         vis &= np.arange(S)[None, :] <= np.arange(L)[:, None] + off
     s = np.where(vis, s, -np.inf)
     m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m = np.where(m == -np.inf, 0.0, m)  # a NaN logit stays NaN: it must reach the row
     e = np.where(vis, np.exp(s - m), 0.0)
     den = e.sum(-1, keepdims=True)
-    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    out = np.einsum(
-        "bhls,bhse->bhle", p, np.where(np.asarray(vis.any(-2))[..., None], np.nan_to_num(v), 0.0)
-    )
+    p = np.where(den == 0, 0.0, e / np.where(den == 0, 1.0, den))
+    out = np.einsum("bhls,bhse->bhle", p, np.where(np.asarray(vis.any(-2))[..., None], v, 0.0))
     if return_lse:
         return out, np.where(
-            den[..., 0] > 0, m[..., 0] + np.log(np.where(den[..., 0] > 0, den[..., 0], 1)), -np.inf
+            den[..., 0] == 0,
+            -np.inf,
+            m[..., 0] + np.log(np.where(den[..., 0] == 0, 1, den[..., 0])),
         )
     return out
 

@@ -56,15 +56,16 @@ def ratio(err: Any, bound: Any) -> float:
         r = np.where(err == 0, 0.0, err / bound)
     r = np.where(np.isnan(r), np.inf, r)
     r = np.where(bound == np.inf, 0.0, r)
+    r = np.where(np.isnan(err), np.inf, r)  # whatever the bound (NaN inputs make it NaN)
     return float(np.max(r, initial=0.0))
 
 
 def distance(got: Any, want: F64) -> F64:
-    """|got - want|, 0 where both are the same (inf = inf, -inf = -inf), NaN where one is
-    NaN."""
+    """|got - want|, 0 where both are the same (inf = inf, -inf = -inf, NaN and NaN), NaN
+    where one only is NaN."""
     g = np.asarray(got, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        d = np.where(g == want, 0.0, np.abs(g - want))
+        d = np.where((g == want) | (np.isnan(g) & np.isnan(want)), 0.0, np.abs(g - want))
     return np.where(np.isnan(g) != np.isnan(want), np.nan, d)
 
 

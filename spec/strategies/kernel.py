@@ -78,6 +78,7 @@ FAMILIES = (
     "near_duplicate_keys",
     "negative_rows",
     "logit_offset",
+    "visible_nan",
 )
 
 
@@ -390,7 +391,30 @@ def sized_case(
     kw = _modifiers(rng, feats, b, hq, L, S, variant)
     q, k, v, extra = _family(rng, family, q, k, v, dtype)
     kw.update(extra)
-    return AttentionCase(_rounded(q, dtype), _rounded(k, dtype), _rounded(v, dtype), kw)
+    case = AttentionCase(_rounded(q, dtype), _rounded(k, dtype), _rounded(v, dtype), kw)
+    return _visible_nan(rng, case) if family == "visible_nan" else case
+
+
+def _visible_nan(rng: np.random.Generator, case: AttentionCase) -> AttentionCase:
+    """``case`` with NaN where every row sees it: one entry of V (last kv head) and one
+    of K (first kv head) at keys that every row that sees a key sees, one entry of q in
+    such a row of the first head. By the definition
+    the rows that see them are NaN (the whole row for q and K, the column for V), and no
+    leak through a hidden position is needed to get there."""
+    seen = case_visibility(case)
+    rows = seen.any(axis=-1)
+    every = np.all(seen | ~rows[..., None], axis=tuple(range(seen.ndim - 1)))
+    keys = np.flatnonzero(every & rows.reshape(-1, rows.shape[-1]).any(axis=0).any())
+    q, k, v = case.q.copy(), case.k.copy(), case.v.copy()
+    if keys.size:
+        j = int(rng.choice(keys))
+        v[0, -1, j, int(rng.integers(v.shape[-1]))] = np.nan  # the last kv head's heads
+        if keys.size > 1:
+            k[0, 0, int(rng.choice(keys[keys != j])), int(rng.integers(k.shape[-1]))] = np.nan
+    i = np.flatnonzero(np.broadcast_to(rows, q.shape[:-1])[0, 0])
+    if i.size:
+        q[0, 0, int(rng.choice(i)), int(rng.integers(q.shape[-1]))] = np.nan
+    return AttentionCase(q, k, v, case.kwargs)
 
 
 def _family(
@@ -427,7 +451,7 @@ def _family(
         q[..., 0] = root
         k[..., 0] = root
         extra["scale"] = 1.0 / math.sqrt(e)
-    elif family != "gaussian":
+    elif family not in ("gaussian", "visible_nan"):
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return q, k, v, extra
 
@@ -444,7 +468,8 @@ def family_case(
     variant: int = 0,
 ) -> AttentionCase:
     """A problem of the input family ``family`` (:data:`FAMILIES`): outlier channels,
-    large norms, low rank, near-duplicate keys, strongly negative rows, logit offsets."""
+    large norms, low rank, near-duplicate keys, strongly negative rows, logit offsets,
+    NaN at visible positions (which must reach the rows that see them)."""
     return sized_case(
         L, S, E, seed=seed, dtype=dtype, features=features, variant=variant, family=family
     )

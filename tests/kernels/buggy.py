@@ -172,6 +172,8 @@ def _naive(
                 seen = seen | (others & (rel == -left - 1))
         fill = np.finfo(work).min if bug == "empty_row_mean" else -np.inf
         s = np.where(seen, s, fill) if bug != "mask_after_softmax" else s
+        if bug == "nan_logit_hidden":
+            s = np.where(np.isnan(s), -np.inf, s)
         sinks = opts.get("sinks")
         if sinks is not None:
             sig = np.broadcast_to(st(sinks)[:, None, None], (*shape[:-1], 1))
@@ -187,7 +189,7 @@ def _naive(
         if bug == "empty_row_nan":
             e = st(np.exp(st(s - m)))
         else:
-            e = np.where(s > -np.inf, st(np.exp(st(s - m))), work(0))
+            e = np.where(s == -np.inf, work(0), st(np.exp(st(s - m))))
         if bug == "accumulate_float16":  # the row sum in float16, key after key
             total = np.zeros((*e.shape[:-1], 1), dtype=np.float16)
             for j in range(e.shape[-1]):
@@ -202,15 +204,15 @@ def _naive(
         elif bug == "empty_row_nan":
             p = st(e / total)[..., :n_k]
         else:
-            p = np.where(total > 0, st(e / total), work(0))[..., :n_k]
-        p_sink = np.where(total > 0, e / total, work(0))[..., n_k : n_k + 1]
-        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0].astype(work)
+            p = np.where(total == 0, work(0), st(e / total))[..., :n_k]
+        p_sink = np.where(total == 0, work(0), e / total)[..., n_k : n_k + 1]
+        lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0].astype(work)
         if bug == "empty_row_nan":
             lse = (m + np.log(total))[..., 0].astype(work)
         if bug == "lse_base2":
             lse = np.multiply(lse, math.log2(math.e), dtype=work)
         if bug == "lse_unscaled":  # the running maximum kept in units of q.k
-            lse = np.where(total > 0, m / tau + np.log(total), -np.inf)[..., 0].astype(work)
+            lse = np.where(total == 0, -np.inf, m / tau + np.log(total))[..., 0].astype(work)
         if bug == "mask_after_softmax":
             p = np.where(seen, p, work(0))
         carry = seen
@@ -272,7 +274,7 @@ def _online(q: Any, k: Any, v: Any, bug: str | None, opts: dict[str, Any], retur
         first[0] = False
         safe = np.where(m_new == -np.inf, f32(0), m_new)
         alpha = np.exp(m - safe)
-        p = np.where(s > -np.inf, np.exp(s - safe), f32(0))
+        p = np.where(s == -np.inf, f32(0), np.exp(s - safe))
         total = total * alpha + p.sum(axis=-1, keepdims=True, dtype=f32)
         if kb is not None:
             p = p * kb * r_drop
@@ -302,8 +304,8 @@ def _online(q: Any, k: Any, v: Any, bug: str | None, opts: dict[str, Any], retur
             sig = np.broadcast_to(np.asarray(opts["sinks"], dtype=f32)[:, None, None], m.shape)
             zero = np.zeros((*v_.shape[:-2], 1, v_.shape[-1]), dtype=f32)
             step(sig.astype(f32), zero, np.ones(m.shape, dtype=bool), None)
-        out = np.where(total > 0, acc / total, f32(0)).astype(f32)
-        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0].astype(f32)
+        out = np.where(total == 0, f32(0), acc / total).astype(f32)
+        lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0].astype(f32)
     return (out, lse) if return_lse else out
 
 
@@ -405,9 +407,9 @@ def _backward(
             cols = np.concatenate([s, sig], axis=-1)
         m = cols.max(axis=-1, keepdims=True)
         m = np.where(m == -np.inf, 0.0, m)
-        e = np.where(cols > -np.inf, np.exp(cols - m), 0.0)
+        e = np.where(cols == -np.inf, 0.0, np.exp(cols - m))
         total = e.sum(axis=-1, keepdims=True)
-        pall = np.where(total > 0, e / total, 0.0)
+        pall = np.where(total == 0, 0.0, e / total)
         p = pall[..., :n_k]
         kappa = np.ones(shape)
         if opts.get("dropout_mask") is not None:
@@ -559,6 +561,14 @@ def empty_row_mean() -> None:
     """Hidden logits filled with the dtype's lowest finite value instead of -inf: a row
     with nothing visible gets uniform weights, the mean of V (torch's masked_fill with
     finfo.min). Smallest input: L=1, S=2, mask all False, v = [1, 3] (2, not 0)."""
+
+
+@_register("naive", lambda: W(1, 2, 1, q=1.0, k=[np.nan, 0.0], v=[1.0, 3.0]))
+def nan_logit_hidden() -> None:
+    """A NaN logit taken for a hidden one (an fmax-style row maximum, weights built where
+    ``s > -inf``): a NaN in a visible key or query disappears instead of reaching the
+    output, and the divergence that produced it goes unseen. Smallest input: L=1, S=2,
+    E=1, k = [NaN, 0] (NaN, not 3)."""
 
 
 @_register("naive", lambda: W(1, 1, 1, hq=4, hkv=2, v=[1.0, 2.0]))

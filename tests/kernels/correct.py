@@ -204,10 +204,10 @@ def _naive(q: Any, k: Any, v: Any, store: Any, opts: dict[str, Any], return_lse:
             s = np.concatenate([s, sig], axis=-1)
         m = s.max(axis=-1, keepdims=True)
         m = np.where(m == -np.inf, work(0), m)
-        e = np.where(s > -np.inf, st(np.exp(st(s - m))), work(0))
+        e = np.where(s == -np.inf, work(0), st(np.exp(st(s - m))))
         total = e.sum(axis=-1, keepdims=True, dtype=work)
-        p = np.where(total > 0, st(e / total), work(0))[..., :n_k]
-        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0].astype(work)
+        p = np.where(total == 0, work(0), st(e / total))[..., :n_k]
+        lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0].astype(work)
         carry = seen
         if opts.get("dropout_mask") is not None:
             keep = np.broadcast_to(np.asarray(opts["dropout_mask"], dtype=bool), shape)
@@ -266,7 +266,7 @@ def online_float32(q: Any, k: Any, v: Any, *, return_lse: bool = False, **opts: 
         m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
         safe = np.where(m_new == -np.inf, f32(0), m_new)
         alpha = np.exp(m - safe)  # 0 while nothing was seen
-        p = np.where(s > -np.inf, np.exp(s - safe), f32(0))
+        p = np.where(s == -np.inf, f32(0), np.exp(s - safe))
         total = total * alpha + p.sum(axis=-1, keepdims=True, dtype=f32)
         if kb is not None:
             p = p * kb * r_drop
@@ -292,8 +292,8 @@ def online_float32(q: Any, k: Any, v: Any, *, return_lse: bool = False, **opts: 
             sig = np.broadcast_to(np.asarray(opts["sinks"], dtype=f32)[:, None, None], m.shape)
             zero = np.zeros((*v_.shape[:-2], 1, v_.shape[-1]), dtype=f32)
             step(sig.astype(f32), zero, np.ones(m.shape, dtype=bool), None)
-        out = np.where(total > 0, acc / total, f32(0)).astype(f32)
-        lse = np.where(total > 0, m + np.log(total), -np.inf)[..., 0].astype(f32)
+        out = np.where(total == 0, f32(0), acc / total).astype(f32)
+        lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0].astype(f32)
     return (out, lse) if return_lse else out
 
 
@@ -422,9 +422,9 @@ def naive_float64_backward(
             cols = np.concatenate([s, sig], axis=-1)
         m = cols.max(axis=-1, keepdims=True)
         m = np.where(m == -np.inf, 0.0, m)
-        e = np.where(cols > -np.inf, np.exp(cols - m), 0.0)
+        e = np.where(cols == -np.inf, 0.0, np.exp(cols - m))
         total = e.sum(axis=-1, keepdims=True)
-        pall = np.where(total > 0, e / total, 0.0)
+        pall = np.where(total == 0, 0.0, e / total)
         p = pall[..., :n_k]
         kappa = np.ones(shape)
         if opts.get("dropout_mask") is not None:
