@@ -594,7 +594,11 @@ class Report:
         for v in self.verdicts:
             worst = "" if v.worst is None else f" worst {v.worst:.3g}x bound"
             emp = "" if v.empirical is None else f" (empirical {v.empirical:.3g}x)"
-            nj = f" ({v.not_judged} entries not judged: bound inf)" if v.not_judged else ""
+            nj = (
+                f" ({v.not_judged} entries not judged: no finite bound, or the lse a convention leaves open)"
+                if v.not_judged
+                else ""
+            )
             lines.append(
                 f"  {v.verdict.upper():15s} {v.stage}/{v.name}: {v.examples} cases{worst}{emp}{nj}"
                 f" [{v.seconds:.1f} s]"
