@@ -595,7 +595,8 @@ class Report:
             worst = "" if v.worst is None else f" worst {v.worst:.3g}x bound"
             emp = "" if v.empirical is None else f" (empirical {v.empirical:.3g}x)"
             nj = (
-                f" ({v.not_judged} entries not judged: no finite bound, or the lse a convention leaves open)"
+                f" ({v.not_judged} entries not judged: no finite bound, or an lse the "
+                "convention leaves open)"
                 if v.not_judged
                 else ""
             )
