@@ -245,20 +245,27 @@ class Target:
             kw = {key: self._to(val, key) for key, val in form.kwargs.items()}
             if want_lse:
                 kw["return_lse"] = True
-            res = self.fn(self._to(form.q, "q"), self._to(form.k, "k"), self._to(v, "v"), **kw)
+            args = {"q": self._to(form.q, "q"), "k": self._to(form.k, "k"), "v": self._to(v, "v")}
+            kept = _copies({**args, **kw})
+            res = self.fn(args["q"], args["k"], args["v"], **kw)
+            self._untouched({**args, **kw}, kept)
             out, ls = self._check_result(res, want_lse, form)
             outs.append(out)
             lse_out = ls if lse_out is None else lse_out
         out = form.restore(outs)
         return out, (None if lse_out is None else form.restore_lse(lse_out))
 
+    def _untouched(self, sent: dict[str, Any], kept: dict[str, Any]) -> None:
+        """TargetError where the target wrote into an array it was given."""
+        for name, copy in kept.items():
+            if not np.array_equal(sent[name], copy, equal_nan=copy.dtype.kind == "f"):
+                raise TargetError(
+                    f"{self.name} modified its input {name!r} in place (inputs are read-only "
+                    "to an attention kernel: a caller reuses them)"
+                )
+
     def _check_result(self, res: Any, want_lse: bool, form: Any) -> tuple[F64, F64 | None]:
-        q = form.q
-        shape = (
-            *q.shape[:-1],
-            q.shape[-1] if len(form.vs) > 1 or form.ev == q.shape[-1] else form.vs[0].shape[-1],
-        )
-        shape = (*q.shape[:-1], form.vs[0].shape[-1])
+        shape = (*form.q.shape[:-1], form.vs[0].shape[-1])
         if want_lse:
             if not isinstance(res, tuple | list) or len(res) != 2:
                 raise TargetError(
@@ -299,13 +306,21 @@ class Target:
         kw = {key: self._to(val, key) for key, val in form.kwargs.items()}
         if dlse is not None:
             kw["dlse"] = self._to(dlse, "dlse")
-        return self.backward(
-            self._to(form.q, "q"),
-            self._to(form.k, "k"),
-            self._to(form.vs[0], "v"),
-            self._to(dout, "dout"),
-            **kw,
-        )
+        args = {
+            "q": self._to(form.q, "q"),
+            "k": self._to(form.k, "k"),
+            "v": self._to(form.vs[0], "v"),
+            "dout": self._to(dout, "dout"),
+        }
+        kept = _copies({**args, **kw})
+        res = self.backward(args["q"], args["k"], args["v"], args["dout"], **kw)
+        self._untouched({**args, **kw}, kept)
+        return res
+
+
+def _copies(sent: dict[str, Any]) -> dict[str, Any]:
+    """Copies of the arrays among ``sent``, to tell whether the target wrote into them."""
+    return {k: np.array(v, copy=True) for k, v in sent.items() if isinstance(v, np.ndarray)}
 
 
 def _features_of(obj: Any, default: Sequence[str]) -> frozenset[str]:

@@ -88,6 +88,8 @@ def _broken(name: str, **changes: Any) -> Any:
             )
             out = out + 0.0 * leak
             return (out, res[1]) if isinstance(res, tuple) else out
+        if name == "inplace":  # right results, but the caller's q is overwritten
+            q[...] = 0
         if name == "shape":
             out = res[0] if isinstance(res, tuple) else res
             out = out[..., :-1, :]
@@ -103,6 +105,7 @@ nan_leak = _broken("nan_leak")
 causal_off_by_one = _broken("causal_off_by_one")
 crashes = _broken("crash")
 wrong_shape = _broken("shape")
+writes_its_input = _broken("inplace")
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,6 +154,7 @@ def test_attnspec_conforms() -> None:
         ("causal_off_by_one", "sizes"),
         ("crashes", "sizes"),
         ("wrong_shape", "families"),
+        ("writes_its_input", "families"),
     ],
 )
 def test_broken_kernels_caught(fn: str, stages: str, tmp_path: Any) -> None:
