@@ -258,7 +258,9 @@ class Target:
     def _untouched(self, sent: dict[str, Any], kept: dict[str, Any]) -> None:
         """TargetError where the target wrote into an array it was given."""
         for name, copy in kept.items():
-            if not np.array_equal(sent[name], copy, equal_nan=copy.dtype.kind == "f"):
+            now = np.asarray(sent[name])
+            # bitwise (NaN payloads included; ml_dtypes' bfloat16 is not of kind "f")
+            if now.shape != copy.shape or now.tobytes() != copy.tobytes():
                 raise TargetError(
                     f"{self.name} modified its input {name!r} in place (inputs are read-only "
                     "to an attention kernel: a caller reuses them)"
@@ -300,6 +302,9 @@ class Target:
     def call_backward(self, case: AttentionCase, dout: F64, dlse: F64 | None = None) -> Any:
         """The target's backward on a case in its form (4-D, full shapes only)."""
         assert self.backward is not None
+        for name, x in (("q", case.q), ("k", case.k), ("v", case.v), ("dout", dout)):
+            if not representable(x, self.dtype):
+                raise FormError(f"{name} holds values that are not {self.dtype}")
         form = full_form(case, self.forms)
         if len(form.vs) != 1:
             raise FormError("Ev != E")
@@ -531,11 +536,40 @@ def _kernel_bounds(target: Target) -> Iterator[None]:
             _STATS[-1].add(d, np.broadcast_to(allowed, d.shape))
         orig_compare(impl, case, what, a, b, allowed, rows, lse)
 
+    from attnspec.spec.properties import backward as B
+
+    orig_b = B.output_bound, B.gradient_bounds
+
+    def grad_bounds(impl: Any, bc: Any) -> dict[str, F64]:
+        if target.dtype == "float64":
+            return orig_b[1](impl, bc)
+        from attnspec.spec.tolerances.precision import backward_bound
+
+        for x in (bc.q, bc.k, bc.v, bc.dout):
+            if not representable(x, target.dtype):
+                reject()  # a derived case the target cannot be sent (as for the forward)
+        bc = bc.with_case(A._poisoned(bc.case, 0.0))  # as the float64 bounds: visible only
+        with np.errstate(all="ignore"):
+            got = backward_bound(
+                bc.q,
+                bc.k,
+                bc.v,
+                bc.dout,
+                dlse=bc.dlse,
+                dtype=target.dtype,
+                accumulate=target.accumulate,
+                logits=target.logits,
+                **bc.kwargs,
+            )
+        return {name: np.where(np.isnan(b), np.inf, b) for name, b in got.items()}
+
     A.output_bound, A._compare = bound, compare
+    B.output_bound, B.gradient_bounds = bound, grad_bounds
     try:
         yield
     finally:
         A.output_bound, A._compare = orig_bound, orig_compare
+        B.output_bound, B.gradient_bounds = orig_b
 
 
 # ---------------------------------------------------------------------------------------
@@ -1257,9 +1291,50 @@ def _grads(res: Any) -> tuple[Any, ...]:
     )
 
 
+def _rounded(a: F64, target: Target) -> F64:
+    """``a`` rounded to the target's dtype (float32 for a float8 target's wide inputs)."""
+    from attnspec.reference.emulate import round_to
+
+    return a if target.dtype == "float64" else round_to(a, target.dtype)
+
+
+def upstream(target: Target, case: AttentionCase, seed: int) -> tuple[F64, F64 | None]:
+    """The ``dout`` (and, with the ``lse`` feature, ``dlse``) of the gradients stage for
+    ``case``: standard normal from ``seed`` and L, values of the target's dtype."""
+    rng = np.random.default_rng([seed, 7, case.n_queries])
+    dout = _rounded(rng.standard_normal((*case.q.shape[:-1], case.v.shape[-1])), target)
+    dlse = None
+    if "lse" in target.features:
+        dlse = _rounded(rng.standard_normal(case.q.shape[:-1]), target)
+    return dout, dlse
+
+
+def _backward_bound(
+    target: Target, case: AttentionCase, dout: F64, dlse: F64 | None
+) -> dict[str, F64]:
+    """The target's bound on each gradient against the exact ones: the textbook float64
+    bound, or the derived bound of its dtype (spec/tolerances/precision.py)."""
+    from attnspec.spec.tolerances.backward import fast_backward_bound
+    from attnspec.spec.tolerances.precision import backward_bound
+
+    if target.dtype == "float64":
+        return fast_backward_bound(case.q, case.k, case.v, dout, dlse, **case.kwargs)
+    return backward_bound(
+        case.q,
+        case.k,
+        case.v,
+        dout,
+        dlse=dlse,
+        dtype=target.dtype,
+        accumulate=target.accumulate,
+        logits=target.logits,
+        **case.kwargs,
+    )
+
+
 def _backward_vs_reference(target: Target, seed: int, progress: Callable[[str], None]) -> Verdict:
     import attnspec
-    from attnspec.spec.tolerances.backward import accurate_backward_bound, fast_backward_bound
+    from attnspec.spec.tolerances.backward import accurate_backward_bound
 
     t0 = time.perf_counter()
     feats = frozenset(target.features)
@@ -1269,17 +1344,17 @@ def _backward_vs_reference(target: Target, seed: int, progress: Callable[[str], 
         var = variants[i % len(variants)]
         progress(f"backward/gradients: L={L} S={S} E={E}")
         case = sized_case(L, S, E, seed=seed, dtype=target.dtype, features=feats, variant=var)
-        rng = np.random.default_rng([seed, 7, L])
-        dout = rng.standard_normal((*case.q.shape[:-1], case.v.shape[-1]))
+        dout, dlse = upstream(target, case, seed)  # with dlse: a backward may ignore it
         expr = (
             f"conformance.sized_case({L}, {S}, {E}, seed={seed}, dtype={target.dtype!r}, "
             f"features={sorted(feats)!r}, variant={var})"
         )
         try:
-            got = _grads(target.call_backward(case, dout))
-            ref = attnspec.sdpa_backward(case.q, case.k, case.v, dout, **case.kwargs)
-            fb = fast_backward_bound(case.q, case.k, case.v, dout, **case.kwargs)
-            ab = accurate_backward_bound(case.q, case.k, case.v, dout, **case.kwargs)
+            got = _grads(target.call_backward(case, dout, dlse))
+            ref = attnspec.sdpa_backward(case.q, case.k, case.v, dout, dlse=dlse, **case.kwargs)
+            # the target's bound against the exact gradients, plus the reference's own
+            fb = _backward_bound(target, case, dout, dlse)
+            ab = accurate_backward_bound(case.q, case.k, case.v, dout, dlse, **case.kwargs)
             for j, name in enumerate(("dq", "dk", "dv", "dbias", "dsinks")):
                 want = getattr(ref, name)
                 if want is None:
@@ -1303,11 +1378,11 @@ def _backward_vs_reference(target: Target, seed: int, progress: Callable[[str], 
                 [
                     *_snippet_header(target),
                     f"case = {expr}",
-                    f"dout = np.random.default_rng([{seed}, 7, {L}])"
-                    f".standard_normal({(*case.q.shape[:-1], case.v.shape[-1])})",
+                    f"dout, dlse = conformance.upstream(target, case, seed={seed})",
                     "import attnspec",
-                    "print(target.call_backward(case, dout))",
-                    "print(attnspec.sdpa_backward(case.q, case.k, case.v, dout, **case.kwargs))",
+                    "print(target.call_backward(case, dout, dlse))",
+                    "print(attnspec.sdpa_backward(case.q, case.k, case.v, dout, dlse=dlse, "
+                    "**case.kwargs))",
                 ]
             )
             return Verdict(
@@ -1335,6 +1410,46 @@ def _backward_vs_reference(target: Target, seed: int, progress: Callable[[str], 
         0,
         time.perf_counter() - t0,
     )
+
+
+def _rounding_cases(cases: Callable[[Any], Any], target: Target) -> Callable[[Any], Any]:
+    """The backward cases of ``cases`` with every input a value of the target's dtype
+    (q, k, v, dout, dlse; bias, sinks and ALiBi slopes too, float32 for float8), those
+    that overflow it left out: the exact gradients are those of what the target gets."""
+    from attnspec.spec.strategies.backward import BackwardCase
+
+    wide = "float32" if target.dtype.startswith("float8") else target.dtype
+
+    def rnd(a: Any, dtype: str) -> Any:
+        from attnspec.reference.emulate import round_to
+
+        a = np.asarray(a, dtype=np.float64)
+        r = round_to(a, dtype)
+        if (np.isfinite(a) & ~np.isfinite(r)).any():
+            raise OverflowError
+        return r
+
+    def one(d: Any) -> Any:
+        if isinstance(d, BackwardCase):
+            c = d.case
+            kw = dict(c.kwargs)
+            for name in ("bias", "sinks", "alibi_slopes"):
+                if kw.get(name) is not None:
+                    kw[name] = rnd(kw[name], wide)
+            case = AttentionCase(*(rnd(x, target.dtype) for x in (c.q, c.k, c.v)), kw)
+            dlse = None if d.dlse is None else rnd(d.dlse, target.dtype)
+            return BackwardCase(case, rnd(d.dout, target.dtype), dlse)
+        if isinstance(d, tuple):
+            return tuple(one(x) for x in d)
+        return d
+
+    def safe(d: Any) -> Any:
+        try:
+            return one(d)
+        except OverflowError:
+            return None
+
+    return lambda impl: cases(impl).map(safe).filter(lambda d: d is not None)
 
 
 def _backward_battery(
@@ -1387,7 +1502,9 @@ def _backward_battery(
     out = []
     # the softmax family's gradient claims need a family implementation, not a kernel
     checks = [c for c in BWD if "family" not in c.needs]
-    with _shrink_limit():
+    if target.dtype != "float64":
+        checks = [replace(c, cases=_rounding_cases(c.cases, target)) for c in checks]
+    with _shrink_limit(), _kernel_bounds(target):
         results = run_battery(impl, base, checks, seed=seed)
     for r in results:
         if not r.applicable:

@@ -310,3 +310,29 @@ def test_convention_rejudges_rows_that_see_no_key() -> None:
     with pytest.raises(AssertionError, match="output"):
         C.judge(bad, case, convention="jax")
     C.judge(t, case, convention="jax")
+
+
+def test_low_precision_backward_both_ways() -> None:
+    """Correct float32 and bfloat16 backwards (attnspec's emulation of naive ones) conform
+    in the backward stage, judged by the derived bounds of their dtype on inputs rounded
+    to it; the float32 one with dK off by 1 % is caught by the gradients against the
+    reference. (In bfloat16 even 25 % stays within the componentwise bound at these
+    sizes: |dS|^T |Q| is an order of magnitude above |dK|.)"""
+    from dataclasses import replace
+
+    from tests.kernels.emulated import emulated_float32
+
+    for dtype in ("float32", "bfloat16"):
+        t = C.load_target(f"tests.kernels.emulated:emulated_{dtype}", dtype=dtype)[0]
+        rep = C.run(t, examples=2, stages=("backward",))
+        assert not rep.failed and rep.verdicts[0].verdict == "pass", rep.text()
+        assert sum(v.verdict == "pass" for v in rep.verdicts) >= 10
+
+    def off(q: Any, k: Any, v: Any, dout: Any, **kw: Any) -> Any:
+        g = emulated_float32.attnspec_backward(q, k, v, dout, **kw)
+        return g._replace(dk=g.dk * 1.01)
+
+    t = C.load_target("tests.kernels.emulated:emulated_float32", dtype="float32")[0]
+    bad = C.run(replace(t, backward=off), examples=2, stages=("backward",), only=["gradients"])
+    assert [v.name for v in bad.failed] == ["gradients"], bad.text()
+    assert "dk" in bad.failed[0].message

@@ -307,7 +307,8 @@ def size_plan(seed: int, n: int = 8) -> list[tuple[int, int, int]]:
     dims = list(HEAD_DIMS)
     rng.shuffle(dims)
     plan = [(1, 1, int(dims[0]))]
-    picks = [(1, 2), (0, 1), (2, 1), (1, 3), (3, 2), (2, 3), (4, 0), (0, 4), (4, 4), (3, 3)]
+    # the first seven: L > S and L < S, every group, past 1024 keys and past 1024 queries
+    picks = [(1, 2), (0, 4), (2, 1), (1, 3), (4, 0), (3, 2), (2, 3), (0, 1), (4, 4), (3, 3)]
     for i, (gl, gs) in enumerate(picks[: max(0, n - 1)]):
         L = int(rng.choice(groups[gl]))
         S = int(rng.choice(groups[gs]))
@@ -323,10 +324,16 @@ def _rounded(a: F64, dtype: str) -> F64:
 
 
 def _shapes(features: frozenset[str], n_q: int, n_k: int) -> tuple[int, int, int]:
-    """(B, Hq, Hkv): GQA 4 query heads on 2 kv heads where declared; two batches up to
-    the families' L x S (a batch stride bug shows), one beyond (time)."""
-    b = 2 if n_q * n_k <= 96 * 80 else 1
-    return (b, 4, 2) if "gqa" in features else (b, 2, 2)
+    """(B, Hq, Hkv): GQA 6 (beyond the families' L x S: 4) query heads on 2 kv heads
+    where declared; two batches up to the families' L x S (a batch stride bug shows),
+    one beyond (time)."""
+    small = n_q * n_k <= 96 * 80
+    b = 2 if small else 1
+    if "gqa" not in features:
+        return (b, 2, 2)
+    # G = 3 != Hkv: h // G, h % Hkv and h // Hkv all differ (with G = Hkv = 2 the last
+    # two agree)
+    return (b, 6, 2) if small else (b, 4, 2)
 
 
 def _modifiers(
@@ -441,13 +448,15 @@ def _family(
         k = rng.standard_normal((*k.shape[:-1], 2)) @ basis
     elif family == "near_duplicate_keys":  # every key one key plus noise of 1e-3
         k = k[..., :1, :] + 1e-3 * k
-    elif family == "negative_rows":  # rows whose logits are all strongly negative
-        mean_k = k.mean(axis=-2, keepdims=True)
-        hq, hkv = q.shape[-3], k.shape[-3]
-        mk = np.repeat(mean_k, hq // hkv, axis=-3)
-        q = q - 4.0 * mk / np.maximum(
-            np.linalg.norm(mk, axis=-1, keepdims=True), 1e-12
-        ) * math.sqrt(e)
+    elif family == "negative_rows":  # rows whose logits are all near -160
+        # q - b u and k + a u for a unit vector u: every logit gets -tau a b = -160 (and
+        # noise of a few units), where exp underflows float32 and float16 unless the row
+        # maximum is subtracted (an online kernel whose running maximum starts at 0 fails)
+        u = rng.standard_normal(e)
+        u /= np.linalg.norm(u)
+        ab = 160.0 * math.sqrt(e)
+        q = q - math.sqrt(ab) * u
+        k = k + math.sqrt(ab) * u
     elif family == "logit_offset":  # a shared offset in every logit of a row
         root = 16.0
         q[..., 0] = root

@@ -262,6 +262,8 @@ def _online(q: Any, k: Any, v: Any, bug: str | None, opts: dict[str, Any], retur
         dist = np.abs(rel_pos(n_q, n_k, o)).astype(f32)
         slopes = np.asarray(opts["alibi_slopes"], dtype=f32)[:, None, None]
     m = np.full((*q_.shape[:-1], 1), -np.inf, dtype=f32)
+    if bug == "running_max_from_zero":
+        m = np.zeros_like(m)
     total = np.zeros_like(m)
     acc = np.zeros((*q_.shape[:-1], v_.shape[-1]), dtype=f32)
     first = [True]
@@ -688,6 +690,13 @@ def running_max_not_updated() -> None:
     """The running maximum kept from the first tile: a later tile's logits are
     exponentiated against a stale maximum and overflow float32 when they exceed it by
     88.7. Smallest input: L=1, S=65, E=1, logits 0 in the first tile and 100 at key 64."""
+
+
+@_register("online", lambda: W(1, 1, 1, q=-16.0, k=8.0))
+def running_max_from_zero() -> None:
+    """The running maximum starts at 0 instead of -inf: a row whose logits are all below
+    -103 gets weights exp(s - 0) that underflow float32 to 0, and 0/0. Smallest input:
+    L=S=E=1, q=-16, k=8 (logit -128: output NaN, not v)."""
 
 
 @_register("online", lambda: _tile_case(3.0))

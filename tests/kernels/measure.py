@@ -6,7 +6,8 @@
 
 * every buggy kernel of :mod:`tests.kernels.buggy` at seed 0 (``--bug-seeds``): caught
   when the exit code is 1;
-* every correct kernel of :mod:`tests.kernels.correct` and ``attnspec`` itself at seeds
+* every correct kernel of :mod:`tests.kernels.correct`, the two low-precision kernels
+  with a backward of :mod:`tests.kernels.emulated` and ``attnspec`` itself at seeds
   0 ... 19 (``--seeds``): a false alarm when the exit code is not 0;
 
 and prints one line per target: the seeds run, how many failed, the checks that failed
@@ -32,6 +33,8 @@ CORRECT: dict[str, tuple[str, str]] = {
     "online_float32": ("tests.kernels.correct:online_float32", "float32"),
     "loop_float64": ("tests.kernels.correct:loop_float64", "float64"),
     "naive_float64": ("tests.kernels.correct:naive_float64", "float64"),
+    "emulated_float32": ("tests.kernels.emulated:emulated_float32", "float32"),
+    "emulated_bfloat16": ("tests.kernels.emulated:emulated_bfloat16", "bfloat16"),
     "attnspec": ("attnspec", "float64"),
 }
 
