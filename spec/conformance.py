@@ -1159,6 +1159,8 @@ def _variants(features: frozenset[str]) -> list[int]:
         out.append(3)
     if features & {"softcap", "alibi", "sinks"}:
         out.append(4)
+    if "dropout" in features:
+        out.append(5)
     return out
 
 
@@ -1340,7 +1342,10 @@ def _backward_vs_reference(target: Target, seed: int, progress: Callable[[str], 
     feats = frozenset(target.features)
     worst, count = 0.0, 0
     variants = _variants(feats)
-    for i, (L, S, E) in enumerate([(1, 1, 64), (65, 63, 59), (129, 130, 72), (64, 64, 104)]):
+    # every variant at least once (the fifth and sixth: dropout and softcap/ALiBi/sinks
+    # on small cases)
+    sizes = [(1, 1, 64), (65, 63, 59), (129, 130, 72), (64, 64, 104), (17, 70, 16), (40, 9, 8)]
+    for i, (L, S, E) in enumerate(sizes[: max(4, len(variants))]):
         var = variants[i % len(variants)]
         progress(f"backward/gradients: L={L} S={S} E={E}")
         case = sized_case(L, S, E, seed=seed, dtype=target.dtype, features=feats, variant=var)

@@ -346,7 +346,7 @@ def _modifiers(
     variant: int,
 ) -> dict[str, Any]:
     """The modifiers of variant ``variant`` (0: none, 1: causal, 2: mask and bias,
-    3: window, 4: softcap, ALiBi and sinks) among the declared ``features``."""
+    3: window, 4: softcap, ALiBi and sinks, 5: dropout) among the declared ``features``."""
     kw: dict[str, Any] = {}
     if variant == 1 and "causal" in features:
         kw["causal"] = True
@@ -373,6 +373,9 @@ def _modifiers(
                     kw["align"] = "bottom_right"
         if "sinks" in features:
             kw["sinks"] = rng.standard_normal(hq)
+    if variant == 5 and "dropout" in features:
+        kw["dropout_p"] = 0.25
+        kw["dropout_mask"] = rng.random((b, hq, L, S)) > 0.25
     return kw
 
 
@@ -390,7 +393,8 @@ def sized_case(
     """A Gaussian (or ``family``) problem of ``L`` queries, ``S`` keys, head dim ``E``,
     in the kernel form, q, k, v values of ``dtype``; ``variant`` picks the modifiers
     among ``features`` (0: none, 1: causal, 2: mask with an empty row and a bias,
-    3: window, 4: softcap, ALiBi, sinks)."""
+    3: window, 4: softcap, ALiBi, sinks, 5: dropout); the bias and sinks are values of
+    ``dtype`` too (float32 for float8), as a target receives them."""
     feats = frozenset(features)
     rng = np.random.default_rng([seed, L, S, E, variant, FAMILIES.index(family)])
     b, hq, hkv = _shapes(feats, L, S)
@@ -398,6 +402,10 @@ def sized_case(
     k = rng.standard_normal((b, hkv, S, E))
     v = rng.standard_normal((b, hkv, S, E))
     kw = _modifiers(rng, feats, b, hq, L, S, variant)
+    wide = "float32" if dtype.startswith("float8") else dtype  # as the target gets them
+    for name in ("bias", "sinks"):
+        if name in kw:
+            kw[name] = _rounded(kw[name], wide)
     q, k, v, extra = _family(rng, family, q, k, v, dtype)
     kw.update(extra)
     case = AttentionCase(_rounded(q, dtype), _rounded(k, dtype), _rounded(v, dtype), kw)
