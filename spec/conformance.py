@@ -24,13 +24,24 @@ it in four stages:
    textbook bound plus the reference's accurate bound), fast for lower precisions
    (``forward_bound(..., against="fast")``, which adds the reference's own bound).
 3. **families**: the same comparison on outlier channels, large norms, low rank,
-   near-duplicate keys, strongly negative rows, logit offsets.
-4. **backward** (feature ``backward``): the gradient battery of
-   :mod:`attnspec.spec.properties.backward` and the gradients against
-   :func:`attnspec.sdpa_backward` within
-   :func:`~attnspec.spec.tolerances.backward.fast_backward_bound` plus the reference's
-   accurate bound (float64); for a lower precision only where
-   :mod:`attnspec.spec.tolerances.precision` has a backward bound, else "not judged".
+   near-duplicate keys, strongly negative rows (logits near -160), logit offsets, and NaN
+   at visible positions (which must reach the rows that see them).
+4. **backward** (feature ``backward``): the gradients against
+   :func:`attnspec.sdpa_backward` (with ``dlse`` where the target has ``lse``; every
+   variant of the sizes stage once) within the target's bound
+   (:func:`~attnspec.spec.tolerances.backward.fast_backward_bound` for float64,
+   :func:`~attnspec.spec.tolerances.precision.backward_bound` for a lower precision) plus
+   the reference's accurate bound, and the gradient battery of
+   :mod:`attnspec.spec.properties.backward` with the same bounds, on inputs that are
+   values of the target's dtype.
+
+A target that raises on valid input, returns something that is not a result, or writes
+into an array it was given has failed.
+
+Conventions (``convention``): a peer's facts in :mod:`attnspec.spec.conventions` become
+rules (:class:`ConventionRules`): the checks it does not promise are not applicable (with
+the fact that says so), NaN is not placed behind masks where it leaks, and where a row
+that sees no key gets the mean of V (jax) such rows are judged by that rule.
 
 Every reported error is a multiple of its bound (``worst``: the largest
 :math:`|\hat o - o_{\mathrm{ref}}| / \mathrm{bound}`; a pass is at most 1); beside the derived

@@ -194,7 +194,14 @@ def test_case_repr_reproduces_the_case() -> None:
     )
     text = repr(case)
     assert text.startswith("AttentionCase(q=np.array(")
-    assert "causal=True" in text and "mask=np.array(" in text
+    assert "'causal': True" in text and "'mask': np.array(" in text
+    again = eval(text, {"np": np, "AttentionCase": AttentionCase})  # a call that rebuilds it
+    assert repr(again) == text
+    for name in ("q", "k", "v"):
+        assert np.array_equal(getattr(again, name), getattr(case, name), equal_nan=True)
+    assert np.array_equal(again.kwargs["mask"], case.kwargs["mask"])
+    empty = AttentionCase(np.zeros((0, 3)), np.zeros((2, 3)), np.zeros((2, 1)), {})
+    assert eval(repr(empty), {"np": np, "AttentionCase": AttentionCase}).q.shape == (0, 3)
 
 
 # ---------------------------------------------------------------------------------------

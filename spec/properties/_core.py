@@ -166,6 +166,8 @@ def array_repr(a: npt.NDArray[Any], limit: int = 400) -> str:
     placeholder naming its shape when it has more than ``limit`` entries."""
     if a.size > limit:
         return f"<array of shape {a.shape}, too large to print>"
+    if a.size == 0:  # np.array([]) would lose the shape
+        return f"np.zeros({a.shape!r}, dtype={a.dtype.name!r})"
     body = np.array2string(
         a,
         separator=", ",

@@ -109,7 +109,12 @@ class AttentionCase:
         return SdpaOptions.from_kwargs(self.kwargs)
 
     def __repr__(self) -> str:
-        return f"AttentionCase({self.args()})"
+        qkv = ", ".join(f"{n}={_arr_repr(getattr(self, n))}" for n in ("q", "k", "v"))
+        kw = ", ".join(
+            f"{key!r}: {_arr_repr(val) if isinstance(val, np.ndarray) else repr(val)}"
+            for key, val in self.kwargs.items()
+        )
+        return f"AttentionCase({qkv}, kwargs={{{kw}}})"
 
     def args(self) -> str:
         """``q=..., k=..., v=..., **kwargs`` as Python source."""
