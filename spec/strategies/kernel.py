@@ -225,10 +225,17 @@ def representable(a: Any, dtype: str) -> bool:
 
 
 def _round_case(case: AttentionCase, dtype: str) -> AttentionCase:
+    """q, k, v rounded to ``dtype``; the bias, sinks and ALiBi slopes too (to float32 for
+    float8, as a target receives them), so that the reference sees what the target gets."""
     if dtype == "float64":
         return case
     q, k, v = (round_to(x, dtype) for x in (case.q, case.k, case.v))
-    return AttentionCase(q, k, v, case.kwargs)
+    wide = "float32" if dtype.startswith("float8") else dtype
+    kw = dict(case.kwargs)
+    for name in ("bias", "sinks", "alibi_slopes"):
+        if kw.get(name) is not None:
+            kw[name] = round_to(np.asarray(kw[name], dtype=np.float64), wide)
+    return AttentionCase(q, k, v, kw)
 
 
 def _kernel_case(case: AttentionCase, forms: frozenset[str], dtype: str, ev: bool) -> AttentionCase:
