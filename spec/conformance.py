@@ -1261,7 +1261,12 @@ def _run_families(
 
 
 def _run_backward(
-    target: Target, n: int, seed: int, progress: Callable[[str], None]
+    target: Target,
+    n: int,
+    seed: int,
+    progress: Callable[[str], None],
+    rules: ConventionRules | None = None,
+    only: frozenset[str] | None = None,
 ) -> list[Verdict]:
     if "backward" not in target.features:
         return [
@@ -1289,7 +1294,7 @@ def _run_backward(
             ]
     return [
         _backward_vs_reference(target, seed, progress),
-        *_backward_battery(target, n, seed, progress),
+        *_backward_battery(target, n, seed, progress, rules, only),
     ]
 
 
@@ -1468,8 +1473,28 @@ def _rounding_cases(cases: Callable[[Any], Any], target: Target) -> Callable[[An
     return lambda impl: cases(impl).map(safe).filter(lambda d: d is not None)
 
 
+def _finite_cases(cases: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The backward cases of ``cases`` whose inputs are all finite (no poison)."""
+    from attnspec.spec.strategies.backward import BackwardCase
+
+    def finite(d: Any) -> bool:
+        if isinstance(d, tuple):
+            return all(finite(x) for x in d)
+        if not isinstance(d, BackwardCase):
+            return True
+        arrays = [d.q, d.k, d.v, d.dout, d.kwargs.get("bias", 0.0)]
+        return all(bool(np.isfinite(np.asarray(a, dtype=np.float64)).all()) for a in arrays)
+
+    return lambda impl: cases(impl).filter(finite)
+
+
 def _backward_battery(
-    target: Target, n: int, seed: int, progress: Callable[[str], None]
+    target: Target,
+    n: int,
+    seed: int,
+    progress: Callable[[str], None],
+    rules: ConventionRules | None = None,
+    only: frozenset[str] | None = None,
 ) -> list[Verdict]:
     from hypothesis import settings
 
@@ -1518,10 +1543,28 @@ def _backward_battery(
     out = []
     # the softmax family's gradient claims need a family implementation, not a kernel
     checks = [c for c in BWD if "family" not in c.needs]
+    rules = rules or ConventionRules("canonical")
     if target.dtype != "float64":
         checks = [replace(c, cases=_rounding_cases(c.cases, target)) for c in checks]
+    excused: dict[str, str] = {}
+    if not rules.poison:  # no NaN or inf behind masks where the convention says it leaks
+        checks = [replace(c, cases=_finite_cases(c.cases)) for c in checks]
+        excused["hidden_gradients"] = rules.excused.get("hidden_values", rules.name)
+    checks = [c for c in checks if c.name not in excused]
+    if only is not None:
+        checks = [c for c in checks if c.name in only or f"backward/{c.name}" in only]
     with _shrink_limit(), _kernel_bounds(target):
         results = run_battery(impl, base, checks, seed=seed)
+    for name, why in excused.items():
+        out.append(
+            Verdict(
+                "backward",
+                name,
+                next(c.description for c in BWD if c.name == name),
+                "not applicable",
+                message=f"not promised by the convention: {why}",
+            )
+        )
     for r in results:
         if not r.applicable:
             out.append(
@@ -1606,7 +1649,7 @@ def run(
         if "families" in stages:
             rep.verdicts += _run_families(target, seed, say, convention)
         if "backward" in stages:
-            rep.verdicts += _run_backward(target, examples, seed, say)
+            rep.verdicts += _run_backward(target, examples, seed, say, rules, chosen)
     if chosen is not None:
         rep.verdicts = [
             v for v in rep.verdicts if v.name in chosen or f"{v.stage}/{v.name}" in chosen

@@ -99,6 +99,37 @@ def _sdpa_fn(backend: str, dtype: str, device: str) -> Any:
     return fn
 
 
+def _sdpa_backward_fn(backend: str, dtype: str, device: str) -> Any:
+    """The gradients of the backend's forward by torch.autograd: ``(dq, dk, dv, dbias,
+    None)``, dbias the gradient of the additive mask where the case has a bias."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = getattr(SDPBackend, BACKENDS[backend])
+
+    def back(q: Any, k: Any, v: Any, dout: Any, **kw: Any) -> Any:
+        L, S = q.shape[-2], k.shape[-2]
+        m, is_causal = _attn_mask(kw, L, S, dtype)
+        tq, tk, tv = (_to_torch(torch, x, device).requires_grad_() for x in (q, k, v))
+        tm = None if m is None else _to_torch(torch, m, device)
+        if tm is not None and tm.dtype != torch.bool:
+            tm = tm.to(tq.dtype).requires_grad_(kw.get("bias") is not None)
+        gqa = tq.shape[-3] != tk.shape[-3]
+        with sdpa_kernel([member]):
+            out = F.scaled_dot_product_attention(
+                tq, tk, tv, attn_mask=tm, is_causal=is_causal, scale=kw.get("scale"), enable_gqa=gqa
+            )
+        out.backward(_to_torch(torch, dout, device))
+        grads = [_from_torch(torch, t.grad, dtype) for t in (tq, tk, tv)]
+        dbias = None
+        if kw.get("bias") is not None and tm is not None and tm.grad is not None:
+            dbias = _from_torch(torch, tm.grad, dtype)
+        return (*grads, dbias, None)
+
+    return back
+
+
 def _flex_fn(dtype: str, device: str) -> Any:
     import torch
     from torch.nn.attention.flex_attention import flex_attention
@@ -143,6 +174,18 @@ def _runs(fn: Any, dtype: str) -> str | None:
     return None
 
 
+def _runs_backward(back: Any, dtype: str) -> str | None:
+    """None if the backward runs on a small problem; else why not."""
+    from attnspec.spec.conformance import _np_dtype
+
+    x = np.ones((1, 1, 2, 8)).astype(_np_dtype(dtype))
+    try:
+        back(x, x, x, x)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return None
+
+
 def torch_targets(
     *,
     dtype: str = "float64",
@@ -167,6 +210,7 @@ def torch_targets(
     targets, why = [], {}
     feats = frozenset({"mask", "causal", "gqa"})
     for name in names:
+        back = None
         if name == "flex":
             if device != "cpu":
                 why[name] = "FlexAttention is run eagerly on the CPU only here"
@@ -174,6 +218,12 @@ def torch_targets(
             fn = _flex_fn(dtype, device)
         else:
             fn = _sdpa_fn(name, dtype, device)
+            # the math backend's gradients by autograd; the CPU flash backend has no kernel
+            # for the gradient of a float attn_mask (the bias's), so it declares none
+            if name == "math":
+                back = _sdpa_backward_fn(name, dtype, device)
+                if _runs_backward(back, dtype) is not None:
+                    back = None
         reason = _runs(fn, dtype)
         if reason is not None:
             why[name] = reason
@@ -182,7 +232,8 @@ def torch_targets(
             Target(
                 name=f"torch[{name}]",
                 fn=fn,
-                features=feats,
+                features=feats | ({"backward"} if back is not None else set()),
+                backward=back,
                 dtype=dtype,
                 accumulate=accumulate,
                 spec="torch",
