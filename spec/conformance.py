@@ -1473,6 +1473,38 @@ def _rounding_cases(cases: Callable[[Any], Any], target: Target) -> Callable[[An
     return lambda impl: cases(impl).map(safe).filter(lambda d: d is not None)
 
 
+def _kernel_form_cases(cases: Callable[[Any], Any], target: Target) -> Callable[[Any], Any]:
+    """The backward cases of ``cases`` rewritten to the form the target takes (as
+    :func:`~attnspec.spec.strategies.kernel.kernel_cases` does for the forward: 4-D, full
+    shapes; ``dout`` and ``dlse`` broadcast with them), those that cannot be left out:
+    most drawn cases have a batch or mask shape a kernel never takes, and rejecting them
+    one by one in the properties cost seconds per check."""
+    from attnspec.spec.strategies.backward import BackwardCase
+
+    def one(d: Any) -> Any:
+        if isinstance(d, tuple):
+            parts = tuple(one(x) for x in d)
+            return None if any(p is None for p in parts) else parts
+        if not isinstance(d, BackwardCase):
+            return d
+        try:
+            f = full_form(d.case, target.forms)
+        except FormError:
+            return None
+        if len(f.vs) != 1 or f.vs[0].shape[-1] != d.v.shape[-1]:
+            return None
+        case = AttentionCase(f.q, f.k, f.vs[0], f.kwargs)
+        out = (*f.q.shape[:-1], f.vs[0].shape[-1])
+        try:  # the batch axes flattened into one, as full_form does
+            dout = np.reshape(d.dout, out)
+            dlse = None if d.dlse is None else np.reshape(d.dlse, out[:-1])
+        except ValueError:
+            return None
+        return BackwardCase(case, dout.copy(), None if dlse is None else dlse.copy())
+
+    return lambda impl: cases(impl).map(one).filter(lambda d: d is not None)
+
+
 def _finite_cases(cases: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The backward cases of ``cases`` whose inputs are all finite (no poison)."""
     from attnspec.spec.strategies.backward import BackwardCase
@@ -1544,6 +1576,7 @@ def _backward_battery(
     # the softmax family's gradient claims need a family implementation, not a kernel
     checks = [c for c in BWD if "family" not in c.needs]
     rules = rules or ConventionRules("canonical")
+    checks = [replace(c, cases=_kernel_form_cases(c.cases, target)) for c in checks]
     if target.dtype != "float64":
         checks = [replace(c, cases=_rounding_cases(c.cases, target)) for c in checks]
     excused: dict[str, str] = {}
