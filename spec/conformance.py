@@ -1037,7 +1037,15 @@ def judge(target: Target, case: AttentionCase, convention: str = "canonical") ->
     out, lse = target.call(case, lse=True)
     ref, ref_lse, allowed, lse_allowed, emp = _reference(target, case)
     blind_lse = 0
-    if _rules(convention).blind_rows == "mean of V":
+    rules = _rules(convention)
+    nonfinite = not all(bool(np.isfinite(x).all()) for x in (case.q, case.k, case.v))
+    if not rules.poison and nonfinite:
+        # NaN in the inputs (the visible_nan family) reaches a row that sees no key through
+        # 0 * NaN where the convention says hidden values leak: those rows are not judged
+        blind = np.broadcast_to(blind_rows(case)[..., None], out.shape)
+        out = np.where(blind, ref, out)
+        blind_lse = int(blind.sum())
+    if rules.blind_rows == "mean of V":
         blind = blind_rows(case)
         if blind.any():
             # the definition's problem with all logits equal: weights 1/S, the mean of V
@@ -1050,7 +1058,7 @@ def judge(target: Target, case: AttentionCase, convention: str = "canonical") ->
             if lse is not None:  # the fill's lse: not judged
                 lse = np.where(blind, 0.0, lse)
                 ref_lse = np.where(blind, 0.0, ref_lse)
-                blind_lse = int(blind.sum())
+                blind_lse += int(blind.sum())
     result: dict[str, Any] = {"worst": 0.0, "empirical": None, "not_judged": blind_lse}
     for what, got, want, tol in (("output", out, ref, allowed), ("lse", lse, ref_lse, lse_allowed)):
         if got is None:
