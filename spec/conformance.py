@@ -1465,7 +1465,8 @@ def _rounding_cases(cases: Callable[[Any], Any], target: Target) -> Callable[[An
             for name in ("bias", "sinks", "alibi_slopes"):
                 if kw.get(name) is not None:
                     kw[name] = rnd(kw[name], wide)
-            case = AttentionCase(*(rnd(x, target.dtype) for x in (c.q, c.k, c.v)), kw)
+            dt = target.dtype
+            case = AttentionCase(rnd(c.q, dt), rnd(c.k, dt), rnd(c.v, dt), kw)
             dlse = None if d.dlse is None else rnd(d.dlse, target.dtype)
             return BackwardCase(case, rnd(d.dout, target.dtype), dlse)
         if isinstance(d, tuple):

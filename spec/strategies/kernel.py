@@ -426,9 +426,9 @@ def _visible_nan(rng: np.random.Generator, case: AttentionCase) -> AttentionCase
     the rows that see them are NaN (the whole row for q and K, the column for V), and no
     leak through a hidden position is needed to get there."""
     seen = case_visibility(case)
-    rows = seen.any(axis=-1)
-    every = np.all(seen | ~rows[..., None], axis=tuple(range(seen.ndim - 1)))
-    keys = np.flatnonzero(every & rows.reshape(-1, rows.shape[-1]).any(axis=0).any())
+    rows = np.asarray(seen.any(axis=-1))
+    every = np.asarray(np.all(seen | ~rows[..., None], axis=tuple(range(seen.ndim - 1))))
+    keys = np.flatnonzero(every) if rows.any() else np.zeros(0, dtype=np.int64)
     q, k, v = case.q.copy(), case.k.copy(), case.v.copy()
     if keys.size:
         j = int(rng.choice(keys))
@@ -468,7 +468,7 @@ def _family(
         # noise of a few units), where exp underflows float32 and float16 unless the row
         # maximum is subtracted (an online kernel whose running maximum starts at 0 fails)
         u = rng.standard_normal(e)
-        u /= np.linalg.norm(u)
+        u = u / float(np.linalg.norm(u))
         ab = 160.0 * math.sqrt(e)
         q = q - math.sqrt(ab) * u
         k = k + math.sqrt(ab) * u
