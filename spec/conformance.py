@@ -554,24 +554,12 @@ def _kernel_bounds(target: Target) -> Iterator[None]:
     def grad_bounds(impl: Any, bc: Any) -> dict[str, F64]:
         if target.dtype == "float64":
             return orig_b[1](impl, bc)
-        from attnspec.spec.tolerances.precision import backward_bound
-
         for x in (bc.q, bc.k, bc.v, bc.dout):
             if not representable(x, target.dtype):
                 reject()  # a derived case the target cannot be sent (as for the forward)
         bc = bc.with_case(A._poisoned(bc.case, 0.0))  # as the float64 bounds: visible only
         with np.errstate(all="ignore"):
-            got = backward_bound(
-                bc.q,
-                bc.k,
-                bc.v,
-                bc.dout,
-                dlse=bc.dlse,
-                dtype=target.dtype,
-                accumulate=target.accumulate,
-                logits=target.logits,
-                **bc.kwargs,
-            )
+            got = _backward_bound(target, bc.case, bc.dout, bc.dlse)
         return {name: np.where(np.isnan(b), np.inf, b) for name, b in got.items()}
 
     A.output_bound, A._compare = bound, compare
