@@ -1490,6 +1490,17 @@ def _kernel_form_cases(cases: Callable[[Any], Any], target: Target) -> Callable[
             return None
         if len(f.vs) != 1 or f.vs[0].shape[-1] != d.v.shape[-1]:
             return None
+        kw = d.case.kwargs
+        same = (
+            f.q.shape == d.q.shape
+            and f.k.shape == d.k.shape
+            and f.vs[0].shape == d.v.shape
+            and all(np.shape(f.kwargs.get(n)) == np.shape(kw[n]) for n in kw)
+        )
+        if same:
+            return d
+        if "broadcast" in target.forms:
+            return None  # a target of every form takes the drawn shapes or none
         case = AttentionCase(f.q, f.k, f.vs[0], f.kwargs)
         out = (*f.q.shape[:-1], f.vs[0].shape[-1])
         try:  # the batch axes flattened into one, as full_form does
