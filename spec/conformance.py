@@ -1495,7 +1495,7 @@ def _kernel_form_cases(cases: Callable[[Any], Any], target: Target) -> Callable[
             f.q.shape == d.q.shape
             and f.k.shape == d.k.shape
             and f.vs[0].shape == d.v.shape
-            and all(np.shape(f.kwargs.get(n)) == np.shape(kw[n]) for n in kw)
+            and all(np.shape(f.kwargs.get(n, kw[n])) == np.shape(kw[n]) for n in kw)
         )
         if same:
             return d
